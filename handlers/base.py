@@ -1,0 +1,101 @@
+"""The handler contract: a clinical task turns a series of source images into an :class:`Analysis`.
+
+A handler knows the clinical task — which images it can read, how to preprocess them, how per-image
+model outputs become a study-level finding with codes. It does not know about networking, the
+database or DICOM writing: the pipeline hands it datasets and a loaded model, and gives its Analysis
+to the results writers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+from pydicom import Dataset
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (SNOMED CT "SCT", RadLex "RADLEX", DICOM "DCM")."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What the model says about one label, for the whole series."""
+
+    concept: Code
+    present: bool
+    probability: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One source image a finding rests on, with the Grad-CAM heatmap over it."""
+
+    source: Dataset
+    image: np.ndarray  # (H, W, 3) uint8: the image as the handler showed it to the model (e.g. windowed)
+    heatmap: np.ndarray  # (H, W) float32 in [0, 1], same H and W as image
+    probability: float  # the probability of the explained label on this image
+    label: str  # human-readable name of the explained label
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A handler's answer. Either findings, or the reason the images could not be analysed."""
+
+    task: str  # human-readable task name, e.g. "Head CT hemorrhage detection"
+    sources: Sequence[Dataset]  # every image that was analysed (or rejected), referenced by the results
+    findings: Sequence[Finding] = ()
+    explanations: Sequence[Explanation] = ()
+    summary: str = ""  # one sentence a radiologist reads first
+    not_analysed_reason: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)  # per-image figures for the API/audit
+
+    @property
+    def analysed(self) -> bool:
+        return self.not_analysed_reason is None
+
+    def __post_init__(self) -> None:
+        if self.not_analysed_reason is not None and (self.findings or self.explanations):
+            raise ValueError("an image that was not analysed cannot carry findings")
+        if self.not_analysed_reason is None and not self.findings:
+            raise ValueError("an analysed series must carry at least one finding")
+
+
+class Model(Protocol):
+    """What a handler needs from a loaded model (see node.runtime)."""
+
+    @property
+    def labels(self) -> Sequence[str]: ...
+
+    @property
+    def input_size(self) -> tuple[int, int]: ...
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 → (N, n_labels) probabilities."""
+        ...
+
+    def explain(self, batch: np.ndarray, label_index: int) -> np.ndarray:
+        """(N, C, H, W) float32 → (N, H, W) Grad-CAM heatmaps in [0, 1] for one label."""
+        ...
+
+
+class Handler(ABC):
+    """One clinical task. Subclasses set ``name`` and implement :meth:`analyse`."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def analyse(
+        self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]
+    ) -> Analysis:
+        """Analyse one series. ``options`` are the model manifest's task parameters overlaid with
+        the route's ``options``; a handler validates them and names a bad one in its error."""

@@ -1,0 +1,186 @@
+"""``ainode``: run the node, check its configuration, echo a destination, analyse files offline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from node.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("ainode")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from node.service import Node
+    from node.web.api import create_app
+
+    settings = _settings(args)
+    node = Node(settings)
+    node.start()
+    try:
+        app = create_app(node.db, node.spool, dicom_listening=lambda: node.running)
+        uvicorn.run(app, host=settings.node.http_host, port=settings.node.http_port, log_level="warning")
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from node.route import validate
+    from node.runtime.package import select as select_package
+
+    settings = _settings(args)
+    validate(settings.routes)
+    for route in settings.routes:
+        package = select_package(settings.node.models_dir, route.model, route.model_version)  # checks sha256
+        model = f"{package.manifest.name} {package.manifest.version}"
+        print(f"route {route.name}: {route.handler} with {model} → {', '.join(route.destinations) or '-'}")
+    print(
+        f"configuration OK: AE {settings.node.ae_title} on port {settings.node.dicom_port}, "
+        f"{len(settings.routes)} route(s), {len(settings.destinations)} destination(s)"
+    )
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from node.send import echo
+
+    settings = _settings(args)
+    destination = settings.destination(args.destination)
+    status = echo(settings, destination)
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    if status == 0:
+        print(f"C-ECHO {where}: success")
+        return 0
+    print(f"C-ECHO {where}: " + ("no association" if status < 0 else f"status 0x{status:04X}"))
+    return 1
+
+
+def _series_files(path: Path) -> dict[str, list[str]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    by_series: dict[str, list[str]] = defaultdict(list)
+    for file in files:
+        try:
+            header = dcmread(file, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        by_series[str(header.get("SeriesInstanceUID", ""))].append(str(file))
+    return by_series
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from node.pipeline import JobSpec, run_job
+    from node.route import Subject, choose
+    from node.runtime.package import select as select_package
+
+    settings = _settings(args)
+    groups = _series_files(Path(args.path))
+    if not groups:
+        print(f"no DICOM files under {args.path}", file=sys.stderr)
+        return 1
+    for n, (series_uid, files) in enumerate(sorted(groups.items())):
+        if args.handler:
+            plans = [(args.handler, args.model or args.handler.replace("_", "-"), None, {})]
+        else:
+            subject = Subject(dcmread(files[0], stop_before_pixels=True), settings.node.ae_title, "")
+            plans = [
+                (r.handler, r.model, r.model_version, r.options) for r in choose(settings.routes, subject)
+            ]
+        if not plans:
+            print(f"series {series_uid}: no route matched")
+            continue
+        for handler, model, version, options in plans:
+            out_dir = Path(args.out) / f"series-{n}-{handler}"
+            package = select_package(settings.node.models_dir, model, version)
+            spec = JobSpec(0, files, handler, str(package), options, str(out_dir))
+            output = run_job(spec)
+            print(
+                f"series {series_uid} ({len(files)} files), {output.model.name} {output.model.version}: "
+                f"{output.summary}"
+            )
+            for result in output.results:
+                print(f"  {result.kind} {result.path}")
+    return 0
+
+
+def cmd_demo_study(args: argparse.Namespace) -> int:
+    from node.training.ct_phantom import write_head_ct_series
+
+    paths = write_head_ct_series(
+        Path(args.out), n_slices=args.slices, hemorrhage=not args.normal, seed=args.seed
+    )
+    print(
+        f"wrote {len(paths)} synthetic head-CT slices ({'normal' if args.normal else 'with a bleed'}) "
+        f"to {args.out}"
+    )
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from node.audit import verify
+    from node.db import open_database
+
+    settings = _settings(args)
+    broken = verify(open_database(settings.node.resolved_database_url))
+    if broken is None:
+        print("audit chain intact")
+        return 0
+    print(f"audit chain broken at event {broken}")
+    return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ainode", description=__doc__)
+    top.add_argument("--log-level", default="INFO")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, default=None, help="TOML settings (default: built-in defaults)")
+        p.set_defaults(func=func)
+        return p
+
+    command("serve", cmd_serve, "run the DICOM listener, the jobs, the sender and the HTTP API")
+    command("check-config", cmd_check_config, "validate the settings, routes and model packages")
+    command("echo", cmd_echo, "C-ECHO a configured destination").add_argument("destination")
+    infer = command("infer", cmd_infer, "analyse DICOM files offline and write the results to a folder")
+    infer.add_argument("path", help="a DICOM file or a folder of them")
+    infer.add_argument("--out", required=True)
+    infer.add_argument("--handler", help="use this handler instead of the configured routes")
+    infer.add_argument("--model", help="model package name (default: the handler's, with dashes)")
+    demo = command("demo-study", cmd_demo_study, "write a synthetic head-CT study to send to the node")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--slices", type=int, default=30)
+    demo.add_argument("--normal", action="store_true", help="no bleed")
+    demo.add_argument("--seed", type=int, default=7)
+    command("audit-verify", cmd_audit_verify, "check the audit log's hash chain")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except (ConfigError, ValueError, LookupError) as exc:
+        print(f"ainode {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Settings: a TOML file, overridden by environment variables, validated before anything starts.
+
+Environment overrides use ``AINODE_<SECTION>__<KEY>`` (``AINODE_NODE__DICOM_PORT=11113``); values are
+parsed as TOML literals where they parse (numbers, booleans, arrays), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "AINODE_"
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class ConfigError(Exception):
+    """A bad setting; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ae_title(value: str) -> str:
+    if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable() or value.strip() != value:
+        raise ValueError("an AE title is 1-16 printable characters, no backslash, no edge spaces")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+
+
+class NodeSettings(_Section):
+    ae_title: AETitle = "AINODE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(11112, ge=1, le=65535)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=1, le=65535)
+    data_dir: Path = Path("./var")
+    database_url: str = ""  # empty: SQLite in data_dir
+    models_dir: Path = DEFAULT_MODELS_DIR
+    allowed_calling_aets: list[AETitle] = []  # empty: any calling AE may store
+    min_free_disk_mb: int = Field(500, ge=0)  # below this the node answers 0xA700 (out of resources)
+    max_associations: int = Field(10, ge=1)
+    network_timeout: float = Field(60.0, gt=0)
+    workers: int = Field(1, ge=1)  # local job slots, each its own process
+    torch_threads: int = Field(0, ge=0)  # 0: one per core shared by the workers
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'ainode.db').resolve()}"
+
+
+class StudySettings(_Section):
+    stable_seconds: float = Field(10.0, ge=0)
+    single_image_modalities: list[str] = ["CR", "DX", "OP", "XC", "MG", "IO", "PX", "ES"]
+    late_instances: Literal["rerun", "ignore"] = "rerun"
+
+
+class JobSettings(_Section):
+    max_attempts: int = Field(2, ge=1)  # a job that fails is run again up to this many times in all
+    timeout_seconds: float = Field(900.0, gt=0)
+
+
+class SendSettings(_Section):
+    max_attempts: int = Field(8, ge=1)
+    first_delay_seconds: float = Field(5.0, ge=0)
+    max_delay_seconds: float = Field(900.0, ge=0)
+    backoff_factor: float = Field(2.0, ge=1)
+
+
+class Destination(_Section):
+    name: str
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class Route(_Section):
+    name: str
+    match: dict[str, Any] = {}
+    called_ae: Any = None
+    calling_ae: Any = None
+    handler: str
+    model: str
+    model_version: str | None = None
+    options: dict[str, Any] = {}
+    destinations: list[str] = []
+
+
+class Settings(_Section):
+    node: NodeSettings = NodeSettings()
+    study: StudySettings = StudySettings()
+    jobs: JobSettings = JobSettings()
+    send: SendSettings = SendSettings()
+    destinations: list[Destination] = []
+    routes: list[Route] = []
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destinations: duplicate name in {names}")
+        route_names = [r.name for r in self.routes]
+        if len(set(route_names)) != len(route_names):
+            raise ValueError(f"routes: duplicate name in {route_names}")
+        for i, route in enumerate(self.routes):
+            for dest in route.destinations:
+                if dest not in names:
+                    raise ValueError(f"routes.{i}.destinations: unknown destination {dest!r}")
+        return self
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise ConfigError(f"no destination named {name!r}; known: {[d.name for d in self.destinations]}")
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        target = data
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a table")
+        target[path[-1]] = _parse_env_value(raw)
+
+
+def _format(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"{key}: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (or only defaults), apply ``AINODE_*`` overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    _apply_env(data, os.environ if environ is None else environ)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from exc
+    if path is not None:
+        # Relative paths in a file are relative to that file, so the node runs from any folder.
+        base = Path(path).resolve().parent
+        node = settings.node
+        if not node.data_dir.is_absolute():
+            node.data_dir = base / node.data_dir
+        if not node.models_dir.is_absolute():
+            node.models_dir = base / node.models_dir
+    return settings

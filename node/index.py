@@ -1,0 +1,157 @@
+"""The index of what arrived: patient, study, series and instance rows for each stored file.
+
+Kept apart from the network code so the receiver and the start-up reconciliation (files on disk
+that never made it into the database) share one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node import audit
+from node.config import StudySettings
+from node.db import Database, Instance, Patient, Series, SeriesStatus, Study, utcnow
+from node.spool import Spool
+
+HANDLED = (SeriesStatus.ROUTED, SeriesStatus.NO_ROUTE)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What a stored file is, read from its header; every UID already validated."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: Path
+    size: int
+    header: Dataset
+    calling_ae: str = ""
+    called_ae: str = ""
+
+
+@dataclass(frozen=True)
+class Indexed:
+    duplicate: bool  # the same SOP Instance UID had been stored before
+    late: bool  # arrived after its series had been routed
+    series_ready: bool  # the series is complete now (single-image modality)
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    return str(ds.get(keyword, "") or "")[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        return int(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+
+
+def index_arrival(session: Session, arrival: Arrival, study_settings: StudySettings) -> Indexed:
+    """Insert or update the rows for one stored instance; decide what its series does next."""
+    now = utcnow()
+    ds = arrival.header
+    study = session.scalar(select(Study).where(Study.study_uid == arrival.study_uid))
+    if study is None:
+        patient_id = _text(ds, "PatientID", 64)
+        patient = session.scalar(select(Patient).where(Patient.patient_id == patient_id))
+        if patient is None:
+            patient = Patient(patient_id=patient_id, patient_name=_text(ds, "PatientName", 324))
+            session.add(patient)
+        study = Study(
+            study_uid=arrival.study_uid,
+            patient=patient,
+            study_date=_text(ds, "StudyDate", 8),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            description=_text(ds, "StudyDescription", 64),
+            first_received_at=now,
+        )
+        session.add(study)
+    study.last_received_at = now
+
+    series = session.scalar(select(Series).where(Series.series_uid == arrival.series_uid))
+    if series is None:
+        series = Series(
+            series_uid=arrival.series_uid,
+            study=study,
+            modality=_text(ds, "Modality", 16).upper(),
+            body_part=_text(ds, "BodyPartExamined", 16).upper(),
+            description=_text(ds, "SeriesDescription", 64),
+            series_number=_int(ds, "SeriesNumber"),
+            calling_ae=arrival.calling_ae,
+            called_ae=arrival.called_ae,
+            first_received_at=now,
+        )
+        session.add(series)
+
+    instance = session.scalar(select(Instance).where(Instance.sop_uid == arrival.sop_uid))
+    duplicate = instance is not None
+    if instance is None:
+        session.add(
+            Instance(
+                sop_uid=arrival.sop_uid,
+                series=series,
+                sop_class_uid=arrival.sop_class_uid,
+                transfer_syntax=arrival.transfer_syntax,
+                instance_number=_int(ds, "InstanceNumber"),
+                path=str(arrival.path),
+                size=arrival.size,
+                received_at=now,
+            )
+        )
+        series.instance_count = (series.instance_count or 0) + 1
+    else:
+        instance.times_received += 1
+        instance.received_at = now
+        instance.transfer_syntax = arrival.transfer_syntax
+        instance.size = arrival.size
+
+    late = series.status in HANDLED and not duplicate
+    if late:
+        series.late_instances = (series.late_instances or 0) + 1
+    series.last_received_at = now
+    single = series.modality in {m.upper() for m in study_settings.single_image_modalities}
+    waiting = series.status in (SeriesStatus.RECEIVING, SeriesStatus.READY)
+    if waiting or (late and study_settings.late_instances == "rerun"):
+        series.status = SeriesStatus.READY if single else SeriesStatus.RECEIVING
+        series.ready_at = now if single else None
+    return Indexed(duplicate=duplicate, late=late, series_ready=series.status == SeriesStatus.READY)
+
+
+def reconcile(db: Database, spool: Spool, study_settings: StudySettings) -> int:
+    """Index spool files the database does not know (stored, then the node died before indexing).
+
+    Also deletes partial writes, which were never acknowledged. Returns how many files were indexed.
+    """
+    for leftover in spool.leftover_temp_files():
+        leftover.unlink(missing_ok=True)
+    with db.session() as session:
+        known = set(session.scalars(select(Instance.sop_uid)))
+    found = 0
+    for path in sorted(spool.incoming.glob("*/*/*.dcm")):
+        if path.stem in known:
+            continue
+        header = dcmread(path, stop_before_pixels=True)
+        arrival = Arrival(
+            study_uid=path.parent.parent.name,
+            series_uid=path.parent.name,
+            sop_uid=path.stem,
+            sop_class_uid=str(header.get("SOPClassUID", "")),
+            transfer_syntax=str(header.file_meta.get("TransferSyntaxUID", "")),
+            path=path,
+            size=path.stat().st_size,
+            header=header,
+        )
+        with audit.writing(db) as session:
+            index_arrival(session, arrival, study_settings)
+            audit.record(session, "instance.reindexed", study_uid=arrival.study_uid, sop_uid=arrival.sop_uid)
+        found += 1
+    return found

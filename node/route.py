@@ -1,0 +1,203 @@
+"""Routing: which handler, model and destinations a complete series goes to, by its DICOM tags.
+
+A route's ``match`` maps DICOM keywords to conditions. A condition is
+- a plain value: equal (text compared stripped; numbers numerically),
+- a list: any of its conditions,
+- a table with any of ``glob``, ``regex``, ``gt``, ``ge``, ``lt``, ``le``, ``ne``, ``exists``: all must hold.
+A multi-valued element (e.g. ImageType) matches when any of its values does, or its whole
+backslash-joined value does. ``called_ae`` and ``calling_ae`` take the same conditions. Every route
+that matches gets a job; a series that no route matches is recorded as "no route".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from sqlalchemy import select
+
+from node import audit
+from node.config import Route
+from node.db import Database, Job, Series, SeriesStatus
+
+_OPERATORS = {"glob", "regex", "gt", "ge", "lt", "le", "ne", "exists"}
+
+
+class RouteError(ValueError):
+    """A route whose conditions cannot work; raised when the configuration is checked."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a route looks at: the header of one instance of the series and how it arrived."""
+
+    header: Dataset
+    called_ae: str
+    calling_ae: str
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _equal(actual: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or not isinstance(expected, int | float):
+        return str(actual).strip() == str(expected).strip()
+    number = _number(actual)
+    return number is not None and number == float(expected)
+
+
+def _compare(actual: Any, op: str, bound: Any) -> bool:
+    number = _number(actual)
+    if number is None:
+        return False
+    return {
+        "gt": number > bound,
+        "ge": number >= bound,
+        "lt": number < bound,
+        "le": number <= bound,
+    }[op]
+
+
+def _single(actual: Any, condition: Any) -> bool:
+    """Does one value satisfy a condition (no 'exists' here: that is about the element)."""
+    if isinstance(condition, list):
+        return any(_single(actual, c) for c in condition)
+    if not isinstance(condition, dict):
+        return _equal(actual, condition)
+    for op, operand in condition.items():
+        if op == "exists":
+            continue
+        if op == "glob" and not fnmatch.fnmatchcase(str(actual).strip(), str(operand)):
+            return False
+        if op == "regex" and not re.search(str(operand), str(actual).strip()):
+            return False
+        if op == "ne" and _equal(actual, operand):
+            return False
+        if op in ("gt", "ge", "lt", "le") and not _compare(actual, op, operand):
+            return False
+    return True
+
+
+def matches(value: Any, condition: Any) -> bool:
+    """Does an element's value (None: absent) satisfy a condition."""
+    if isinstance(condition, dict) and "exists" in condition:
+        present = value is not None and str(value).strip() != ""
+        if present != bool(condition["exists"]):
+            return False
+        if not present or set(condition) == {"exists"}:
+            return True
+    if value is None:
+        return False
+    if isinstance(value, MultiValue | list | tuple):
+        joined = "\\".join(str(v) for v in value)
+        return _single(joined, condition) or any(_single(v, condition) for v in value)
+    return _single(value, condition)
+
+
+def _validate_condition(where: str, condition: Any) -> None:
+    if isinstance(condition, list):
+        for item in condition:
+            _validate_condition(where, item)
+    elif isinstance(condition, dict):
+        unknown = set(condition) - _OPERATORS
+        if unknown:
+            raise RouteError(f"{where}: unknown operator(s) {sorted(unknown)}; use {sorted(_OPERATORS)}")
+        if "regex" in condition:
+            try:
+                re.compile(str(condition["regex"]))
+            except re.error as exc:
+                raise RouteError(f"{where}: bad regex: {exc}") from exc
+        for op in ("gt", "ge", "lt", "le"):
+            if op in condition and _number(condition[op]) is None:
+                raise RouteError(f"{where}: {op} needs a number")
+
+
+def validate(routes: Sequence[Route]) -> None:
+    """Check every route's keywords and conditions, naming the bad one."""
+    for i, route in enumerate(routes):
+        for keyword, condition in route.match.items():
+            if tag_for_keyword(keyword) is None:
+                raise RouteError(f"routes.{i}.match: {keyword!r} is not a DICOM keyword")
+            _validate_condition(f"routes.{i}.match.{keyword}", condition)
+        for field in ("called_ae", "calling_ae"):
+            if getattr(route, field) is not None:
+                _validate_condition(f"routes.{i}.{field}", getattr(route, field))
+
+
+def route_matches(route: Route, subject: Subject) -> bool:
+    if route.called_ae is not None and not matches(subject.called_ae, route.called_ae):
+        return False
+    if route.calling_ae is not None and not matches(subject.calling_ae, route.calling_ae):
+        return False
+    return all(matches(subject.header.get(keyword), condition) for keyword, condition in route.match.items())
+
+
+def choose(routes: Sequence[Route], subject: Subject) -> list[Route]:
+    """Every route that matches, in configuration order."""
+    return [route for route in routes if route_matches(route, subject)]
+
+
+def _subject(series: Series) -> Subject:
+    header = dcmread(series.instances[0].path, stop_before_pixels=True)
+    return Subject(header=header, called_ae=series.called_ae, calling_ae=series.calling_ae)
+
+
+def route_ready(db: Database, routes: Sequence[Route]) -> int:
+    """Create jobs for every ready series (or record that none matched). Returns jobs created."""
+    created = 0
+    with audit.writing(db) as session:
+        for series in session.scalars(select(Series).where(Series.status == SeriesStatus.READY)):
+            study_uid = series.study.study_uid
+            try:
+                chosen = choose(routes, _subject(series))
+            except (OSError, InvalidDicomError) as exc:
+                chosen, series.route_note = [], f"first instance unreadable: {exc}"
+            if not chosen:
+                series.status = SeriesStatus.NO_ROUTE
+                series.route_note = series.route_note or "no route matched"
+                audit.record(
+                    session,
+                    "route.none",
+                    study_uid=study_uid,
+                    series_uid=series.series_uid,
+                    modality=series.modality,
+                    body_part=series.body_part,
+                    note=series.route_note,
+                )
+                continue
+            series.status = SeriesStatus.ROUTED
+            series.route_note = ", ".join(r.name for r in chosen)
+            for route in chosen:
+                session.add(
+                    Job(
+                        series=series,
+                        route=route.name,
+                        handler=route.handler,
+                        model=route.model,
+                        model_version=route.model_version or "",
+                        options=dict(route.options),
+                        destinations={"names": list(route.destinations)},
+                    )
+                )
+                audit.record(
+                    session,
+                    "route.chosen",
+                    study_uid=study_uid,
+                    series_uid=series.series_uid,
+                    route=route.name,
+                    handler=route.handler,
+                    model=route.model,
+                )
+                created += 1
+    return created

@@ -1,0 +1,158 @@
+"""The outbox: results go to their destinations by C-STORE, with retries and back-off.
+
+Each (result, destination) pair is a row; a send is done only when the destination answered a
+success (or warning) status for that very instance. Failures wait ``first_delay × factor^(n-1)``
+(capped) before the next attempt and give up after ``max_attempts``. Rows live in the database, so
+pending sends survive a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from node import audit
+from node.config import Destination, SendSettings, Settings
+from node.db import Database, Result, Send, SendStatus, utcnow
+from node.receive import set_nodelay
+
+log = logging.getLogger(__name__)
+
+_WARNINGS = {0xB000, 0xB006, 0xB007}  # stored, with coercion or elements discarded
+BATCH = 200
+
+
+def backoff(settings: SendSettings, attempts: int) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt."""
+    delay = settings.first_delay_seconds * settings.backoff_factor ** max(attempts - 1, 0)
+    return float(min(delay, settings.max_delay_seconds))
+
+
+def _scu(ae_title: str, timeout: float) -> AE:
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    return ae
+
+
+def echo(settings: Settings, destination: Destination) -> int:
+    """C-ECHO a destination; the DICOM status (0 = success), or -1 if no association."""
+    ae = _scu(settings.node.ae_title, 10)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+    )
+    if not assoc.is_established:
+        return -1
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else -1
+    finally:
+        assoc.release()
+
+
+class Sender:
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+
+    def run_due(self) -> int:
+        """Attempt every send that is due, one association per destination. Returns sends done."""
+        with self.db.session() as session:
+            due = session.execute(
+                select(Send.id, Send.destination, Result.path, Result.sop_class_uid)
+                .join(Result)
+                .where(Send.status == SendStatus.PENDING, Send.next_attempt_at <= utcnow())
+                .order_by(Send.id)
+                .limit(BATCH)
+            ).all()
+        by_destination: dict[str, list[Any]] = defaultdict(list)
+        for row in due:
+            by_destination[row.destination].append(row)
+        sent = 0
+        for name, rows in by_destination.items():
+            sent += self._send(name, rows)
+        return sent
+
+    def _send(self, name: str, rows: list[Any]) -> int:
+        try:
+            destination = self.settings.destination(name)
+        except Exception as exc:
+            self._record({row.id: (False, str(exc)) for row in rows})
+            return 0
+        ae = _scu(self.settings.node.ae_title, self.settings.node.network_timeout)
+        for sop_class in sorted({row.sop_class_uid for row in rows}):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        )
+        outcomes: dict[int, tuple[bool, str]] = {}
+        if not assoc.is_established:
+            reason = f"no association with {destination.ae_title}@{destination.host}:{destination.port}"
+            outcomes = {row.id: (False, reason) for row in rows}
+        else:
+            try:
+                for row in rows:
+                    outcomes[row.id] = self._store_one(assoc, row.path)
+                    if not assoc.is_established:
+                        break
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+            for row in rows:
+                outcomes.setdefault(row.id, (False, "association ended before this instance"))
+        self._record(outcomes)
+        return sum(ok for ok, _ in outcomes.values())
+
+    @staticmethod
+    def _store_one(assoc: Any, path: str) -> tuple[bool, str]:
+        try:
+            status: Dataset = assoc.send_c_store(path)
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        code = int(status.Status) if "Status" in status else -1
+        if code == 0 or code in _WARNINGS:
+            return True, "" if code == 0 else f"stored with warning 0x{code:04X}"
+        return False, "no response" if code < 0 else f"status 0x{code:04X}"
+
+    def _record(self, outcomes: dict[int, tuple[bool, str]]) -> None:
+        now = utcnow()
+        policy = self.settings.send
+        with audit.writing(self.db) as session:
+            for send in session.scalars(select(Send).where(Send.id.in_(outcomes))):
+                ok, message = outcomes[send.id]
+                send.attempts += 1
+                send.last_error = message
+                study_uid = send.result.job.series.study.study_uid
+                common = {
+                    "study_uid": study_uid,
+                    "destination": send.destination,
+                    "sop_uid": send.result.sop_uid,
+                    "attempt": send.attempts,
+                }
+                if ok:
+                    send.status, send.sent_at = SendStatus.SENT, now
+                    audit.record(session, "result.sent", **common)
+                elif send.attempts >= policy.max_attempts:
+                    send.status = SendStatus.FAILED
+                    audit.record(session, "result.send_failed", outcome="failure", error=message, **common)
+                else:
+                    send.next_attempt_at = now + timedelta(seconds=backoff(policy, send.attempts))
+                    audit.record(session, "result.send_retry", outcome="failure", error=message, **common)
+        failed = [m for ok, m in outcomes.values() if not ok]
+        if failed:
+            log.warning("%d send(s) failed: %s", len(failed), failed[0])

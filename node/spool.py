@@ -1,0 +1,85 @@
+"""Where received instances and written results live on disk.
+
+Every write is durable before it is acknowledged: a temporary file in the target folder, fsync, an
+atomic rename over the final name, then fsync of the folder so the rename itself survives power loss.
+File names are built only from validated UIDs, so a hostile UID cannot escape the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a DICOM UID (PS3.5 §9.1): digits and dots, no leading zeros, ≤ 64 chars."""
+
+
+def check_uid(value: object, what: str = "UID") -> str:
+    text = str(value or "").strip()
+    if not text or len(text) > 64 or not _UID.match(text):
+        raise InvalidUID(f"{what} {text[:80]!r} is not a valid DICOM UID")
+    return text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader (or a crash) sees either nothing or all of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class Spool:
+    """The data folder's layout: ``incoming/<study>/<series>/<sop>.dcm`` and ``results/<job>/``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.incoming = self.root / "incoming"
+        self.results = self.root / "results"
+        for folder in (self.incoming, self.results):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return (
+            self.incoming
+            / check_uid(study_uid, "StudyInstanceUID")
+            / check_uid(series_uid, "SeriesInstanceUID")
+            / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+        )
+
+    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        write_atomic(path, data)
+        return path
+
+    def result_dir(self, job_id: int) -> Path:
+        return self.results / str(int(job_id))
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def leftover_temp_files(self) -> list[Path]:
+        """Partial writes from a crash; never acknowledged, so safe to delete."""
+        return [p for p in self.root.rglob(".tmp-*.part") if p.is_file()]

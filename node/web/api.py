@@ -1,0 +1,230 @@
+"""HTTP API: health, studies with their status and stage timings, Prometheus metrics.
+
+The API only reads the database. Reading a study's patient identity is PHI access and is audited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import selectinload
+
+from node import audit
+from node.db import Database, Instance, Job, JobStatus, Result, Send, SendStatus, Series, SeriesStatus, Study
+from node.spool import Spool
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def _latest(values: Iterable[datetime | None]) -> datetime | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _earliest(values: Iterable[datetime | None]) -> datetime | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def study_status(study: Study) -> str:
+    series = study.series
+    jobs = [job for s in series for job in s.jobs]
+    sends = [send for job in jobs for result in job.results for send in result.sends]
+    if any(s.status in (SeriesStatus.RECEIVING, SeriesStatus.READY) for s in series):
+        return "receiving"
+    if any(j.status in (JobStatus.QUEUED, JobStatus.RUNNING) for j in jobs):
+        return "processing"
+    if any(s.status == SendStatus.PENDING for s in sends):
+        return "sending"
+    if any(j.status == JobStatus.FAILED for j in jobs) or any(s.status == SendStatus.FAILED for s in sends):
+        return "failed"
+    if all(s.status == SeriesStatus.NO_ROUTE for s in series):
+        return "no_route"
+    return "done"
+
+
+def stage_timings(study: Study) -> dict[str, float | None]:
+    """Seconds spent in each stage, from the first instance received to the last result sent."""
+    jobs = [job for s in study.series for job in s.jobs]
+    sends = [send for job in jobs for result in job.results for send in result.sends]
+    last_instance = _latest(s.last_received_at for s in study.series)
+    ready = _latest(s.ready_at for s in study.series)
+    started = _earliest(j.started_at for j in jobs)
+    finished = _latest(j.finished_at for j in jobs)
+    sent = _latest(s.sent_at for s in sends)
+    return {
+        "receive": _seconds(study.first_received_at, last_instance),
+        "wait_stable": _seconds(last_instance, ready),
+        "queue": _seconds(ready, started),
+        "process": _seconds(started, finished),
+        "send": _seconds(finished, sent),
+        "last_instance_to_sent": _seconds(last_instance, sent),
+        "total": _seconds(study.first_received_at, sent),
+    }
+
+
+def _study_row(study: Study) -> dict[str, Any]:
+    return {
+        "study_uid": study.study_uid,
+        "study_date": study.study_date,
+        "description": study.description,
+        "status": study_status(study),
+        "first_received_at": study.first_received_at,
+        "last_received_at": study.last_received_at,
+        "series": len(study.series),
+        "instances": sum(s.instance_count for s in study.series),
+        "timings": stage_timings(study),
+    }
+
+
+def _study_detail(study: Study) -> dict[str, Any]:
+    detail = _study_row(study)
+    detail["patient"] = {"id": study.patient.patient_id, "name": study.patient.patient_name}
+    detail["accession_number"] = study.accession_number
+    detail["series"] = [
+        {
+            "series_uid": s.series_uid,
+            "modality": s.modality,
+            "body_part": s.body_part,
+            "description": s.description,
+            "status": s.status.value,
+            "instances": s.instance_count,
+            "late_instances": s.late_instances,
+            "route": s.route_note,
+            "ready_at": s.ready_at,
+            "jobs": [
+                {
+                    "id": j.id,
+                    "route": j.route,
+                    "handler": j.handler,
+                    "model": j.model,
+                    "model_version": j.model_version,
+                    "model_sha256": j.model_sha256,
+                    "status": j.status.value,
+                    "attempts": j.attempts,
+                    "error": j.error,
+                    "summary": j.summary,
+                    "outcome": j.outcome,
+                    "timings": j.timings,
+                    "started_at": j.started_at,
+                    "finished_at": j.finished_at,
+                    "results": [
+                        {
+                            "kind": r.kind,
+                            "sop_uid": r.sop_uid,
+                            "sends": [
+                                {
+                                    "destination": d.destination,
+                                    "status": d.status.value,
+                                    "attempts": d.attempts,
+                                    "last_error": d.last_error,
+                                    "sent_at": d.sent_at,
+                                }
+                                for d in r.sends
+                            ],
+                        }
+                        for r in j.results
+                    ],
+                }
+                for j in s.jobs
+            ],
+        }
+        for s in study.series
+    ]
+    return detail
+
+
+_STUDY_TREE = (
+    selectinload(Study.series).selectinload(Series.jobs).selectinload(Job.results).selectinload(Result.sends),
+    selectinload(Study.patient),
+)
+
+
+class _DatabaseCollector(Collector):
+    """Metrics read from the database at scrape time, so they survive restarts and count every process."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterable[Any]:
+        with self.db.session() as session:
+            received = session.scalar(select(func.coalesce(func.sum(Instance.times_received), 0)))
+            jobs = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            sends = dict(session.execute(select(Send.status, func.count()).group_by(Send.status)).all())
+            series = dict(session.execute(select(Series.status, func.count()).group_by(Series.status)).all())
+        yield CounterMetricFamily(
+            "ainode_instances_received", "Instances received (duplicates too)", value=float(received or 0)
+        )
+        for name, help_text, counts, states in (
+            ("ainode_jobs", "Jobs by status", jobs, JobStatus),
+            ("ainode_sends", "Result sends by status", sends, SendStatus),
+            ("ainode_series", "Series by status", series, SeriesStatus),
+        ):
+            family = GaugeMetricFamily(name, help_text, labels=["status"])
+            for state in states:
+                family.add_metric([state.value], float(counts.get(state, 0)))
+            yield family
+
+
+def create_app(db: Database, spool: Spool, dicom_listening: Any = lambda: True) -> FastAPI:
+    """The HTTP app. ``dicom_listening`` tells /healthz whether the DICOM listener is up."""
+    app = FastAPI(title="AI node", version="0.1.0")
+    registry = CollectorRegistry()
+    registry.register(_DatabaseCollector(db))
+
+    @app.get("/healthz")
+    def healthz(response: Response) -> dict[str, Any]:
+        checks: dict[str, Any] = {
+            "dicom": bool(dicom_listening()),
+            "disk_free_mb": spool.free_bytes() // 2**20,
+        }
+        try:
+            with db.session() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = True
+        except Exception as exc:
+            checks["database"] = False
+            checks["database_error"] = type(exc).__name__
+        healthy = checks["dicom"] and checks["database"]
+        response.status_code = 200 if healthy else 503
+        return {"status": "ok" if healthy else "unhealthy", **checks}
+
+    @app.get("/api/studies")
+    def studies(limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        with db.session() as session:
+            rows = session.scalars(
+                select(Study)
+                .options(*_STUDY_TREE)
+                .order_by(Study.last_received_at.desc())
+                .limit(min(max(limit, 1), 1000))
+                .offset(max(offset, 0))
+            ).all()
+            return [_study_row(study) for study in rows]
+
+    @app.get("/api/studies/{study_uid}")
+    def study(study_uid: str, request: Request) -> dict[str, Any]:
+        with db.session() as session:
+            found = session.scalar(select(Study).options(*_STUDY_TREE).where(Study.study_uid == study_uid))
+            if found is None:
+                raise HTTPException(status_code=404, detail="no such study")
+            detail = _study_detail(found)
+        client = request.client.host if request.client else "unknown"
+        audit.append(db, "phi.viewed", actor=f"http:{client}", study_uid=study_uid, what="study detail")
+        return detail
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
