@@ -1,0 +1,194 @@
+"""Real peers for the tests: Orthanc, dcmtk's tools, dciodvfy, and the node itself as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+from pyorthanc import Orthanc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class OrthancServer:
+    """A real Orthanc on loopback ports with its own storage folder; the node is a DICOM modality."""
+
+    def __init__(self, folder: Path, node_aet: str = "AINODE", node_port: int | None = None) -> None:
+        self.folder = folder
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.aet = "ORTHANC"
+        folder.mkdir(parents=True, exist_ok=True)
+        config: dict[str, Any] = {
+            "Name": "test-pacs",
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": {},
+            "Plugins": [],
+            "StableAge": 1,
+        }
+        if node_port is not None:
+            config["DicomModalities"]["ainode"] = [node_aet, "127.0.0.1", node_port]
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.client = Orthanc(self.url)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OrthancServer:
+        log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - kept open for the process
+        self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log)
+        wait_for(lambda: _http_ok(f"{self.url}/system"), 30, "Orthanc to start")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+            self.process = None
+
+    def instances_in_study(self, study_uid: str) -> list[dict[str, Any]]:
+        """Every instance Orthanc holds for a StudyInstanceUID, with its main tags."""
+        found = self.client.post_tools_find(
+            json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
+        )
+        return list(found)
+
+    def file(self, orthanc_id: str) -> bytes:
+        return bytes(self.client.get_instances_id_file(orthanc_id))
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def storescu(
+    port: int, files: Sequence[Path], called: str = "AINODE", calling: str = "STORESCU", extra: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu; proposes each file's own transfer syntax (-R: only the contexts needed)."""
+    command = ["storescu", "-R", "-aec", called, "-aet", calling, *extra, "127.0.0.1", str(port)]
+    return subprocess.run([*command, *map(str, files)], capture_output=True, text=True, env=dcmtk_env(), timeout=300)
+
+
+def echoscu(port: int, called: str = "AINODE", calling: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["echoscu", "-aec", called, "-aet", calling, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=dcmtk_env(),
+        timeout=60,
+    )
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's Error lines for a file (warnings are fine: IHE's rule is no errors)."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+
+
+def dsrdump(path: Path) -> str:
+    run = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+class NodeProcess:
+    """The node as users run it: ``ainode serve --config FILE`` in its own process."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        node = settings.setdefault("node", {})
+        node.setdefault("ae_title", "AINODE")
+        node.setdefault("dicom_host", "127.0.0.1")
+        node.setdefault("dicom_port", free_port())
+        node.setdefault("http_port", free_port())
+        node.setdefault("data_dir", str(folder / "var"))
+        node.setdefault("models_dir", str(REPO / "models"))
+        node.setdefault("min_free_disk_mb", 1)
+        self.settings = settings
+        self.config = folder / "config.toml"
+        self.config.write_bytes(tomli_w.dumps(settings).encode())
+        self.dicom_port = int(node["dicom_port"])
+        self.url = f"http://127.0.0.1:{node['http_port']}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = folder / "node.log"
+
+    def start(self) -> NodeProcess:
+        log = open(self.log, "ab")  # noqa: SIM115 - kept open for the process
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+        )
+        wait_for(self._healthy, 60, "the node to start")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        return _http_ok(f"{self.url}/healthz")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, as in a power cut or an OOM kill."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=20)
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def api(self, path: str) -> Any:
+        response = httpx.get(f"{self.url}{path}", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        response = httpx.get(f"{self.url}/api/studies/{study_uid}", timeout=10)
+        return response.json() if response.status_code == 200 else None
