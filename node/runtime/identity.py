@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
-from pydicom.uid import generate_uid
-
 MANUFACTURER = "AI node project"
+_DEVICE_NAMESPACE = uuid.UUID("5d0c3a5e-8a4f-4c1e-9a57-6b1f0e2d7c11")  # fixed: same weights, same UID
 DEFAULT_DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
 
 
@@ -24,7 +24,8 @@ class ModelIdentity:
     @property
     def device_uid(self) -> str:
         """The AI device UID (IHE AIR): stable for one set of weights, new when they change."""
-        return generate_uid(prefix=None, entropy_srcs=[self.name, self.version, self.sha256])
+        key = "\0".join((self.name, self.version, self.sha256))
+        return f"2.25.{uuid.uuid5(_DEVICE_NAMESPACE, key).int}"
 
     @property
     def software_version(self) -> str:

@@ -1,0 +1,250 @@
+"""The results writers produce objects that validate (dciodvfy: no errors; dsrdump: parses) and say
+what the analysis said, in the source's study, pointing back at the source images."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import cr_chest, ct_series, photo
+from pydicom import Dataset
+
+from handlers.base import Analysis, Code, Explanation, Finding
+from node.results import secondary_captures, structured_report
+from node.results.common import disclaimer_lines
+from node.runtime.identity import ModelIdentity
+
+MODEL = ModelIdentity(
+    name="ct-hemorrhage",
+    version="0.3.1",
+    sha256="0123456789abcdef" * 4,
+    family="ResNet50 classifier",
+    disclaimer="Demonstration model trained on synthetic images. NOT FOR DIAGNOSTIC USE",
+)
+HEMORRHAGE = Code("1386000", "SCT", "Intracranial hemorrhage")
+PNEUMOTHORAX = Code("36118008", "SCT", "Pneumothorax")
+RETINOPATHY = Code("4855003", "SCT", "Diabetic retinopathy")
+DISCLAIMER = "NOT FOR DIAGNOSTIC USE. Demonstration model trained on synthetic images"
+
+
+def explanation(source: Dataset, label: str, probability: float, size: int = 224) -> Explanation:
+    """What a handler would hand over: the source as the model saw it (windowed, resized) and a
+    heatmap with one hot spot."""
+    pixels = source.pixel_array.astype(np.float32)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    pixels = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1.0) * 255
+    image = cv2.resize(pixels, (size, size)).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    heatmap = np.exp(-((xx - 0.62 * size) ** 2 + (yy - 0.4 * size) ** 2) / (2 * (0.08 * size) ** 2))
+    return Explanation(source, image, heatmap.astype(np.float32), probability, label)
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def validate(path: Path) -> str:
+    """dciodvfy must report no error (warnings are allowed, as in IHE testing)."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if "Error" in line]
+    assert not errors, f"dciodvfy {path.name}:\n{output}"
+    return output
+
+
+def dsrdump(path: Path) -> str:
+    """The SR tree as dcmtk reads it: long values in full, referenced UIDs and concept codes shown."""
+    if shutil.which("dsrdump") is None:
+        pytest.skip("dsrdump (dcmtk) is not installed")
+    result = subprocess.run(
+        ["dsrdump", "+Pl", "+Pu", "+Pc", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def content_items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def evidence(sr: Dataset) -> set[tuple[str, str]]:
+    """(Series Instance UID, SOP Instance UID) of every instance listed as current evidence."""
+    return {
+        (series.SeriesInstanceUID, ref.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+
+
+def check_secondary_captures(scs: Sequence[Dataset], sources: Sequence[Dataset], task: str) -> None:
+    study = sources[0].StudyInstanceUID
+    source_series = {ds.SeriesInstanceUID for ds in sources}
+    assert len({sc.SeriesInstanceUID for sc in scs}) == 1
+    assert len({sc.SOPInstanceUID for sc in scs}) == len(scs)
+    for number, sc in enumerate(scs, start=1):
+        assert sc.StudyInstanceUID == study
+        assert sc.SeriesInstanceUID not in source_series
+        assert sc.InstanceNumber == number
+        assert sc.SeriesDescription == f"AI overlay: {task}"
+        assert sc.BurnedInAnnotation == "YES"
+        assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
+        assert sc.pixel_array.dtype == np.uint8 and sc.Columns >= 512
+        (equipment,) = [e for e in sc.ContributingEquipmentSequence if e.get("DeviceUID")]
+        assert equipment.DeviceUID == MODEL.device_uid
+        assert equipment.ManufacturerModelName == MODEL.name
+        assert equipment.SoftwareVersions == MODEL.software_version
+        assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def test_present_finding_on_ct(out: Path) -> None:
+    sources = ct_series(3)
+    task = "Head CT hemorrhage detection"
+    explained = [explanation(sources[1], "Intracranial hemorrhage", 0.87), explanation(sources[2], "x", 0.6)]
+    analysis = Analysis(task, sources, [Finding(HEMORRHAGE, True, 0.91, 0.5)], explained)
+
+    scs = secondary_captures(analysis, MODEL, series_number=901)
+    assert len(scs) == 2
+    check_secondary_captures(scs, sources, task)
+    for sc, expl in zip(scs, explained, strict=True):
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == expl.source.SOPInstanceUID
+        assert sc.SourceImageSequence[0].ReferencedSOPClassUID == expl.source.SOPClassUID
+    sr = structured_report(analysis, MODEL, series_number=902, evidence=scs)
+
+    paths = [save(sc, out / f"sc{i}.dcm") for i, sc in enumerate(scs)]
+    sr_path = save(sr, out / "sr.dcm")
+    for path in [*paths, sr_path]:
+        validate(path)
+    reread = pydicom.dcmread(sr_path)
+    assert reread.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert reread.SeriesInstanceUID not in {sources[0].SeriesInstanceUID, scs[0].SeriesInstanceUID}
+    assert reread.SeriesDescription == f"AI report: {task}"
+    assert evidence(reread) == {(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in [*sources, *scs]}
+    (tracking_uid,) = [i.UID for i in content_items(reread) if i.ValueType == "UIDREF"][1:]  # 1st: observer
+    dump = dsrdump(sr_path)
+    for expected in (
+        '(121071,DCM,"Finding")=(1386000,SCT,"Intracranial hemorrhage")',
+        '(1386000,SCT,"Intracranial hemorrhage")=(52101004,SCT,"Present")',
+        'NUM:(122157,DCM,"Probability")="0.91" (1,UCUM,"no units")',
+        f'TEXT:(121106,DCM,"Comment")="{DISCLAIMER}"',
+        '(112039,DCM,"Tracking Identifier")="Intracranial hemorrhage"',
+        f'(112040,DCM,"Tracking Unique Identifier")="{tracking_uid}"',
+        '(121058,DCM,"Procedure reported")=(303653007,SCT,"Computed tomography of head")',
+        f"sha256={MODEL.sha256}",
+        f'(121012,DCM,"Device Observer UID")="{MODEL.device_uid}"',
+    ):
+        assert expected in dump, expected
+    for source in sources:
+        assert source.SOPInstanceUID in dump
+
+
+def test_absent_finding_on_radiograph(out: Path) -> None:
+    source = cr_chest()
+    analysis = Analysis(
+        "Chest X-ray pneumothorax",
+        [source],
+        [Finding(PNEUMOTHORAX, False, 0.12, 0.5)],
+        [explanation(source, "Pneumothorax", 0.12, size=256)],
+    )
+    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    check_secondary_captures([sc], [source], analysis.task)
+    assert list(sc.PatientOrientation) == ["L", "F"]
+    sr = structured_report(analysis, MODEL, series_number=902, evidence=[sc])
+    validate(save(sc, out / "sc.dcm"))
+    sr_path = save(sr, out / "sr.dcm")
+    validate(sr_path)
+    dump = dsrdump(sr_path)
+    assert '(36118008,SCT,"Pneumothorax")=(272519000,SCT,"Absent")' in dump
+    assert '(122157,DCM,"Probability")="0.12"' in dump
+    assert '"Procedure reported")=(43468-8,LN,"XR unspecified body region")' in dump
+
+
+def test_photo_keeps_laterality(out: Path) -> None:
+    source = photo()
+    analysis = Analysis(
+        "Fundus retinopathy screening",
+        [source],
+        [Finding(RETINOPATHY, True, 0.7, 0.5)],
+        [explanation(source, "Diabetic retinopathy", 0.7)],
+    )
+    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    check_secondary_captures([sc], [source], analysis.task)
+    assert (sc.Laterality, sc.BodyPartExamined) == ("R", "EYE")
+    validate(save(sc, out / "sc.dcm"))
+    validate(save(structured_report(analysis, MODEL, 902, [sc]), out / "sr.dcm"))
+
+
+def test_not_analysed(out: Path) -> None:
+    sources = ct_series(3)
+    reason = "slice thickness 10 mm is above the 5 mm the model was trained on"
+    analysis = Analysis("Head CT hemorrhage detection", sources, not_analysed_reason=reason)
+
+    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    check_secondary_captures([sc], sources, analysis.task)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[1].SOPInstanceUID  # the middle
+    sr = structured_report(analysis, MODEL, series_number=902, evidence=[sc])
+    validate(save(sc, out / "sc.dcm"))
+    sr_path = save(sr, out / "sr.dcm")
+    validate(sr_path)
+
+    reread = pydicom.dcmread(sr_path)
+    (group,) = [i for i in content_items(reread) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
+    assert not [i for i in content_items(group) if i.ValueType == "NUM"]  # never a probability
+    texts = [i.TextValue for i in content_items(reread) if i.ValueType == "TEXT"]
+    assert f"NOT ANALYSED: {reason}" in texts and DISCLAIMER in texts
+    assert evidence(reread) == {(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in [*sources, sc]}
+    dump = dsrdump(sr_path)
+    assert reason in dump and "Probability" not in dump
+    summary = '(111017,DCM,"CAD Processing and Findings Summary")'
+    assert f'{summary}=(111245,DCM,"No algorithms succeeded; without findings")' in dump
+
+
+def test_non_ascii_text_is_written_in_utf8(out: Path) -> None:
+    sources = ct_series(1)
+    del sources[0].SpecificCharacterSet  # default repertoire: ASCII only
+    analysis = Analysis("Blutung (Hämorrhagie)", sources, not_analysed_reason="Schichtdicke zu groß")
+    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    sr = structured_report(analysis, MODEL, series_number=902, evidence=[sc])
+    for ds, name in ((sc, "sc.dcm"), (sr, "sr.dcm")):
+        path = save(ds, out / name)
+        assert pydicom.dcmread(path).SeriesDescription.endswith("Blutung (Hämorrhagie)")
+        validate(path)
+    assert sc.SpecificCharacterSet == sr.SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_ct_without_window_renders_and_validates(out: Path) -> None:
+    sources = ct_series(1)
+    del sources[0].WindowCenter, sources[0].WindowWidth
+    analysis = Analysis("Head CT", sources, not_analysed_reason="no window")
+    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    image = sc.pixel_array[: sources[0].Rows]
+    assert image.min() == 0 and image.max() == 255  # air black, bone white in a soft-tissue window
+    validate(save(sc, out / "sc.dcm"))
+
+
+def test_disclaimer_always_says_not_for_diagnostic_use() -> None:
+    plain = ModelIdentity("m", "1", "0" * 64, "f")
+    assert disclaimer_lines(plain) == ["NOT FOR DIAGNOSTIC USE"]
+    assert disclaimer_lines(MODEL) == [
+        "NOT FOR DIAGNOSTIC USE",
+        "Demonstration model trained on synthetic images",
+    ]
+    other = ModelIdentity("m", "1", "0" * 64, "f", disclaimer="Research use only")
+    assert disclaimer_lines(other) == ["NOT FOR DIAGNOSTIC USE", "Research use only"]
