@@ -102,8 +102,8 @@ def dcmtk_env() -> dict[str, str]:
 def storescu(
     port: int, files: Sequence[Path], called: str = "AINODE", calling: str = "STORESCU", extra: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """dcmtk storescu; proposes each file's own transfer syntax (-R: only the contexts needed)."""
-    command = ["storescu", "-R", "-aec", called, "-aet", calling, *extra, "127.0.0.1", str(port)]
+    """dcmtk storescu; proposes each file's own transfer syntax besides the uncompressed ones."""
+    command = ["storescu", "-v", "-aec", called, "-aet", calling, *extra, "127.0.0.1", str(port)]
     return subprocess.run([*command, *map(str, files)], capture_output=True, text=True, env=dcmtk_env(), timeout=300)
 
 
