@@ -7,6 +7,7 @@ import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -91,6 +92,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"no DICOM files under {args.path}", file=sys.stderr)
         return 1
     for n, (series_uid, files) in enumerate(sorted(groups.items())):
+        plans: list[tuple[str, str, str | None, dict[str, Any]]]
         if args.handler:
             plans = [(args.handler, args.model or args.handler.replace("_", "-"), None, {})]
         else:

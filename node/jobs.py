@@ -93,7 +93,8 @@ class WorkerSlot:
             raise JobFailed("timeout", f"no result after {timeout:.0f} s; worker stopped")
         status, payload = reply
         if status == "ok":
-            return payload  # type: ignore[no-any-return]
+            output: JobOutput = payload
+            return output
         raise JobFailed(status, payload)
 
     def close(self) -> None:

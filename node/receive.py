@@ -100,6 +100,7 @@ class Receiver:
         ae.network_timeout = node.network_timeout
         ae.maximum_pdu_size = 0
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae

@@ -137,22 +137,25 @@ class Sender:
                 ok, message = outcomes[send.id]
                 send.attempts += 1
                 send.last_error = message
-                study_uid = send.result.job.series.study.study_uid
-                common = {
-                    "study_uid": study_uid,
-                    "destination": send.destination,
-                    "sop_uid": send.result.sop_uid,
-                    "attempt": send.attempts,
-                }
                 if ok:
                     send.status, send.sent_at = SendStatus.SENT, now
-                    audit.record(session, "result.sent", **common)
+                    action, outcome = "result.sent", "success"
                 elif send.attempts >= policy.max_attempts:
                     send.status = SendStatus.FAILED
-                    audit.record(session, "result.send_failed", outcome="failure", error=message, **common)
+                    action, outcome = "result.send_failed", "failure"
                 else:
                     send.next_attempt_at = now + timedelta(seconds=backoff(policy, send.attempts))
-                    audit.record(session, "result.send_retry", outcome="failure", error=message, **common)
+                    action, outcome = "result.send_retry", "failure"
+                audit.record(
+                    session,
+                    action,
+                    outcome=outcome,
+                    study_uid=send.result.job.series.study.study_uid,
+                    destination=send.destination,
+                    sop_uid=send.result.sop_uid,
+                    attempt=send.attempts,
+                    error=message,
+                )
         failed = [m for ok, m in outcomes.values() if not ok]
         if failed:
             log.warning("%d send(s) failed: %s", len(failed), failed[0])

@@ -46,10 +46,16 @@ def _http_ok(url: str) -> bool:
 class OrthancServer:
     """A real Orthanc on loopback ports with its own storage folder; the node is a DICOM modality."""
 
-    def __init__(self, folder: Path, node_aet: str = "AINODE", node_port: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        node_port: int | None = None,
+        lua: Sequence[Path] = (),
+        dicom_port: int | None = None,
+    ) -> None:
         self.folder = folder
         self.http_port = free_port()
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.aet = "ORTHANC"
         folder.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
@@ -64,9 +70,10 @@ class OrthancServer:
             "DicomModalities": {},
             "Plugins": [],
             "StableAge": 1,
+            "LuaScripts": [str(path) for path in lua],
         }
         if node_port is not None:
-            config["DicomModalities"]["ainode"] = [node_aet, "127.0.0.1", node_port]
+            config["DicomModalities"]["ainode"] = ["AINODE", "127.0.0.1", node_port]
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.client = Orthanc(self.url)
@@ -74,7 +81,9 @@ class OrthancServer:
 
     def start(self) -> OrthancServer:
         log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - kept open for the process
-        self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log)
+        self.process = subprocess.Popen(
+            ["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log
+        )
         wait_for(lambda: _http_ok(f"{self.url}/system"), 30, "Orthanc to start")
         return self
 
@@ -84,12 +93,15 @@ class OrthancServer:
             self.process.wait(timeout=20)
             self.process = None
 
-    def instances_in_study(self, study_uid: str) -> list[dict[str, Any]]:
-        """Every instance Orthanc holds for a StudyInstanceUID, with its main tags."""
+    def series_in_study(self, study_uid: str) -> list[dict[str, Any]]:
+        """Every series Orthanc holds for a StudyInstanceUID, with its main tags and instance ids."""
         found = self.client.post_tools_find(
-            json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
+            json={"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
         )
         return list(found)
+
+    def sop_class(self, instance_id: str) -> str:
+        return str(self.client.get_instances_id_metadata_name(instance_id, "SopClassUid")).strip()
 
     def file(self, orthanc_id: str) -> bytes:
         return bytes(self.client.get_instances_id_file(orthanc_id))
@@ -100,11 +112,17 @@ def dcmtk_env() -> dict[str, str]:
 
 
 def storescu(
-    port: int, files: Sequence[Path], called: str = "AINODE", calling: str = "STORESCU", extra: Sequence[str] = ()
+    port: int,
+    files: Sequence[Path],
+    called: str = "AINODE",
+    calling: str = "STORESCU",
+    extra: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """dcmtk storescu; proposes each file's own transfer syntax besides the uncompressed ones."""
     command = ["storescu", "-v", "-aec", called, "-aet", calling, *extra, "127.0.0.1", str(port)]
-    return subprocess.run([*command, *map(str, files)], capture_output=True, text=True, env=dcmtk_env(), timeout=300)
+    return subprocess.run(
+        [*command, *map(str, files)], capture_output=True, text=True, env=dcmtk_env(), timeout=300
+    )
 
 
 def echoscu(port: int, called: str = "AINODE", calling: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:

@@ -26,8 +26,10 @@ def test_deleted_event_breaks_the_chain(db: Database) -> None:
 def test_concurrent_writers_keep_one_chain(db: Database) -> None:
     import threading
 
-    threads = [threading.Thread(target=lambda n=n: [audit.append(db, "x", n=n, i=i) for i in range(10)])
-               for n in range(4)]
+    threads = [
+        threading.Thread(target=lambda n=n: [audit.append(db, "x", n=n, i=i) for i in range(10)])
+        for n in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

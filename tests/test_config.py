@@ -40,8 +40,12 @@ def test_route_to_unknown_destination_is_named(tmp_path: Path) -> None:
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
     path = write(tmp_path, "[node]\ndicom_port = 104\n")
-    env = {"AINODE_NODE__DICOM_PORT": "11113", "AINODE_NODE__ALLOWED_CALLING_AETS": '["PACS"]',
-           "AINODE_STUDY__STABLE_SECONDS": "2.5", "AINODE_NODE__AE_TITLE": "NODE2"}
+    env = {
+        "AINODE_NODE__DICOM_PORT": "11113",
+        "AINODE_NODE__ALLOWED_CALLING_AETS": '["PACS"]',
+        "AINODE_STUDY__STABLE_SECONDS": "2.5",
+        "AINODE_NODE__AE_TITLE": "NODE2",
+    }
     settings = load_settings(path, environ=env)
     assert settings.node.dicom_port == 11113
     assert settings.node.allowed_calling_aets == ["PACS"]

@@ -26,12 +26,25 @@ def instance(spool: Spool, modality: str = "CT", series: str = SERIES, sop: str 
     ds.Modality, ds.BodyPartExamined, ds.PatientID, ds.PatientName = modality, "HEAD", "P1", "DOE^JANE"
     ds.file_meta = Dataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        CTImageStorage,
+        ds.SOPInstanceUID,
+    )
     path = spool.instance_path(STUDY, series, ds.SOPInstanceUID)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
-    return Arrival(STUDY, series, ds.SOPInstanceUID, CTImageStorage, ExplicitVRLittleEndian, path,
-                   path.stat().st_size, ds, "PACS", "AINODE")
+    return Arrival(
+        STUDY,
+        series,
+        ds.SOPInstanceUID,
+        CTImageStorage,
+        ExplicitVRLittleEndian,
+        path,
+        path.stat().st_size,
+        ds,
+        "PACS",
+        "AINODE",
+    )
 
 
 def store(db: Database, arrival: Arrival, study: StudySettings) -> None:
@@ -49,8 +62,11 @@ def age(db: Database, seconds: float) -> None:
         session.execute(update(Series).values(last_received_at=utcnow() - timedelta(seconds=seconds)))
 
 
-ROUTES = [Route(name="head", match={"Modality": "CT"}, handler="ct_hemorrhage", model="ct-hemorrhage",
-                destinations=[])]
+ROUTES = [
+    Route(
+        name="head", match={"Modality": "CT"}, handler="ct_hemorrhage", model="ct-hemorrhage", destinations=[]
+    )
+]
 
 
 def test_series_completes_after_quiet_period_and_is_routed(db: Database, tmp_path: Path) -> None:
@@ -84,7 +100,9 @@ def test_no_route_is_recorded_not_an_error(db: Database, tmp_path: Path) -> None
     assert route_ready(db, ROUTES) == 0
     assert series_status(db) == SeriesStatus.NO_ROUTE
     with db.session() as session:
-        assert session.scalar(select(AuditEvent.action).where(AuditEvent.action == "route.none")) == "route.none"
+        assert (
+            session.scalar(select(AuditEvent.action).where(AuditEvent.action == "route.none")) == "route.none"
+        )
 
 
 def late_arrival(db: Database, tmp_path: Path, policy: str) -> SeriesStatus:
@@ -121,8 +139,9 @@ def test_reconcile_indexes_files_the_database_lost(db: Database, tmp_path: Path)
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    policy = Settings().send.model_copy(update={"first_delay_seconds": 5, "backoff_factor": 2,
-                                                "max_delay_seconds": 60})
+    policy = Settings().send.model_copy(
+        update={"first_delay_seconds": 5, "backoff_factor": 2, "max_delay_seconds": 60}
+    )
     assert [backoff(policy, n) for n in (1, 2, 3, 4, 5, 6)] == [5, 10, 20, 40, 60, 60]
 
 
@@ -132,14 +151,17 @@ def test_unreachable_destination_is_retried_then_failed(db: Database, tmp_path: 
     store(db, arrival, study)
     mark_stable(db, study)
     route_ready(db, ROUTES)
-    settings = Settings.model_validate({
-        "destinations": [{"name": "pacs", "ae_title": "NOBODY", "host": "127.0.0.1", "port": 9}],
-        "send": {"max_attempts": 2, "first_delay_seconds": 0},
-    })
+    settings = Settings.model_validate(
+        {
+            "destinations": [{"name": "pacs", "ae_title": "NOBODY", "host": "127.0.0.1", "port": 9}],
+            "send": {"max_attempts": 2, "first_delay_seconds": 0},
+        }
+    )
     with db.session() as session:
         job = session.scalars(select(Job)).one()
-        result = Result(job=job, kind="SR", sop_uid=arrival.sop_uid, sop_class_uid=CTImageStorage,
-                        path=str(arrival.path))
+        result = Result(
+            job=job, kind="SR", sop_uid=arrival.sop_uid, sop_class_uid=CTImageStorage, path=str(arrival.path)
+        )
         session.add(Send(result=result, destination="pacs"))
     sender = Sender(settings, db)
     assert sender.run_due() == 0

@@ -29,9 +29,19 @@ COMPRESSORS = {
     "implicit": (0, ["dcmconv", "+ti"]),
 }
 # storescu proposes one extra transfer syntax per run, chosen by a flag
-PROPOSE = {"explicit": "-xe", "jpeg-lossless": "-xs", "jpeg-baseline": "-xy", "jpeg-extended": "-xx",
-           "jpeg-ls": "-xt", "jpeg-ls-near": "-xu", "rle": "-xr", "deflated": "-xd", "big-endian": "-xb",
-           "implicit": "-xi", "jpeg2000": "-xv"}
+PROPOSE = {
+    "explicit": "-xe",
+    "jpeg-lossless": "-xs",
+    "jpeg-baseline": "-xy",
+    "jpeg-extended": "-xx",
+    "jpeg-ls": "-xt",
+    "jpeg-ls-near": "-xu",
+    "rle": "-xr",
+    "deflated": "-xd",
+    "big-endian": "-xb",
+    "implicit": "-xi",
+    "jpeg2000": "-xv",
+}
 
 
 def unsigned(source: Path, bits: int, target: Path) -> Path:
@@ -67,7 +77,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    process = NodeProcess(tmp_path / "node", {"node": {"allowed_calling_aets": ["STORESCU", "ECHOSCU"]}}).start()
+    process = NodeProcess(
+        tmp_path / "node", {"node": {"allowed_calling_aets": ["STORESCU", "ECHOSCU"]}}
+    ).start()
     yield process
     process.stop()
 
@@ -143,7 +155,9 @@ def test_disk_below_floor_answers_out_of_resources(tmp_path: Path, sources: dict
         node.stop()
 
 
-def test_invalid_uid_is_refused_not_stored(node: NodeProcess, tmp_path: Path, sources: dict[str, Path]) -> None:
+def test_invalid_uid_is_refused_not_stored(
+    node: NodeProcess, tmp_path: Path, sources: dict[str, Path]
+) -> None:
     ds = pydicom.dcmread(sources["explicit"])
     ds.SeriesInstanceUID = "1.2.3.4/../../../etc"
     bad = tmp_path / "bad.dcm"

@@ -16,8 +16,13 @@ def route(name: str = "r", **kwargs: object) -> Route:
     return Route(name=name, handler="ct_hemorrhage", model="ct-hemorrhage", **kwargs)  # type: ignore[arg-type]
 
 
-CT = header(Modality="CT", BodyPartExamined="HEAD", SliceThickness="5.0",
-            ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], SeriesDescription="Head 5mm")
+CT = header(
+    Modality="CT",
+    BodyPartExamined="HEAD",
+    SliceThickness="5.0",
+    ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+    SeriesDescription="Head 5mm",
+)
 
 
 @pytest.mark.parametrize(
@@ -58,8 +63,10 @@ def test_every_matching_route_is_chosen_in_order() -> None:
 
 
 def test_called_and_calling_ae_conditions() -> None:
-    routes = [route("research", called_ae="AINODE_RES", match={"Modality": "CT"}),
-              route("from-pacs", calling_ae={"glob": "PACS*"})]
+    routes = [
+        route("research", called_ae="AINODE_RES", match={"Modality": "CT"}),
+        route("from-pacs", calling_ae={"glob": "PACS*"}),
+    ]
     assert [r.name for r in choose(routes, Subject(CT, "AINODE", "PACS1"))] == ["from-pacs"]
     assert [r.name for r in choose(routes, Subject(CT, "AINODE_RES", "MODALITY"))] == ["research"]
     assert choose(routes, Subject(CT, "AINODE", "MODALITY")) == []

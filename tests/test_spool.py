@@ -6,7 +6,9 @@ import pytest
 from node.spool import InvalidUID, Spool, check_uid, write_atomic
 
 
-@pytest.mark.parametrize("uid", ["", "1.2.03", "../../etc/passwd", "1.2.3/4", "1." * 40 + "1", "1.2.3.", "abc"])
+@pytest.mark.parametrize(
+    "uid", ["", "1.2.03", "../../etc/passwd", "1.2.3/4", "1." * 40 + "1", "1.2.3.", "abc"]
+)
 def test_bad_uids_never_become_paths(tmp_path: Path, uid: str) -> None:
     with pytest.raises(InvalidUID):
         Spool(tmp_path).instance_path(uid, "1.2", "1.3")

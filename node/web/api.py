@@ -5,6 +5,7 @@ The API only reads the database. Reading a study's patient identity is PHI acces
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -160,20 +161,24 @@ class _DatabaseCollector(Collector):
     def collect(self) -> Iterable[Any]:
         with self.db.session() as session:
             received = session.scalar(select(func.coalesce(func.sum(Instance.times_received), 0)))
-            jobs = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            sends = dict(session.execute(select(Send.status, func.count()).group_by(Send.status)).all())
-            series = dict(session.execute(select(Series.status, func.count()).group_by(Series.status)).all())
+            counts: dict[str, int] = {}
+            for column in (Job.status, Send.status, Series.status):
+                for state, count in session.execute(select(column, func.count()).group_by(column)).all():
+                    counts[f"{column.class_.__tablename__}.{state.value}"] = count
         yield CounterMetricFamily(
             "ainode_instances_received", "Instances received (duplicates too)", value=float(received or 0)
         )
-        for name, help_text, counts, states in (
-            ("ainode_jobs", "Jobs by status", jobs, JobStatus),
-            ("ainode_sends", "Result sends by status", sends, SendStatus),
-            ("ainode_series", "Series by status", series, SeriesStatus),
-        ):
-            family = GaugeMetricFamily(name, help_text, labels=["status"])
-            for state in states:
-                family.add_metric([state.value], float(counts.get(state, 0)))
+        states: tuple[tuple[str, type[enum.StrEnum]], ...] = (
+            ("jobs", JobStatus),
+            ("sends", SendStatus),
+            ("series", SeriesStatus),
+        )
+        for table, enum_type in states:
+            family = GaugeMetricFamily(
+                f"ainode_{table}", f"{table.capitalize()} by status", labels=["status"]
+            )
+            for state in enum_type:
+                family.add_metric([state.value], float(counts.get(f"{table}.{state.value}", 0)))
             yield family
 
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the node into ./.venv: Debian packages (Orthanc, dcmtk, dicom3tools), PyTorch's CPU build
+# first (a looser torch requirement would pull several GB of CUDA packages), then the node itself.
+#   bash deploy/install.sh          the node
+#   bash deploy/install.sh --test   the node and its test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+packages="orthanc dcmtk dicom3tools"
+missing=""
+for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing
+fi
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e ".${extras}"
+echo "installed: $(.venv/bin/ainode --help | head -1)"
