@@ -14,7 +14,6 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -38,7 +37,10 @@ class JobFailed(Exception):
         self.kind = kind
 
 
-def _worker_main(conn: Connection, torch_threads: int) -> None:
+Work = Callable[[JobSpec], JobOutput]
+
+
+def _worker_main(conn: Connection, torch_threads: int, work: Work) -> None:
     """A worker process: run specs until the parent closes the pipe."""
     if torch_threads:
         import torch
@@ -50,7 +52,7 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
         except EOFError:
             return
         try:
-            conn.send(("ok", run_job(spec)))
+            conn.send(("ok", work(spec)))
         except ModelRefused as exc:
             conn.send(("model_refused", str(exc)))
         except Exception as exc:
@@ -60,9 +62,10 @@ def _worker_main(conn: Connection, torch_threads: int) -> None:
 class WorkerSlot:
     """One worker process, started on first use and after a crash or a timeout."""
 
-    def __init__(self, torch_threads: int) -> None:
+    def __init__(self, torch_threads: int, work: Work = run_job) -> None:
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
         self._torch_threads = torch_threads
+        self._work = work  # a module-level function, so the spawned process can import it
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
 
@@ -71,7 +74,10 @@ class WorkerSlot:
             self.close()
             parent, child = self._context.Pipe()
             self._process = self._context.Process(
-                target=_worker_main, args=(child, self._torch_threads), daemon=True, name="ainode-worker"
+                target=_worker_main,
+                args=(child, self._torch_threads, self._work),
+                daemon=True,
+                name="ainode-worker",
             )
             self._process.start()
             child.close()
@@ -85,7 +91,10 @@ class WorkerSlot:
             ready = conn.poll(timeout)
             reply = conn.recv() if ready else None
         except (EOFError, OSError):
-            code = self._process.exitcode if self._process else None
+            code = None
+            if self._process is not None:
+                self._process.join(timeout=5)
+                code = self._process.exitcode
             self.close()
             raise JobFailed("crashed", f"worker process died (exit code {code})") from None
         if reply is None:
@@ -212,8 +221,10 @@ class Executor:
         series = job.series
         try:
             package = select_package(self.settings.node.models_dir, job.model, job.model_version or None)
-        except (LookupError, ModelRefused) as exc:
+        except LookupError as exc:
             return JobFailed("model_missing", str(exc)), series.study.study_uid
+        except ModelRefused as exc:
+            return JobFailed("model_refused", str(exc)), series.study.study_uid
         spec = JobSpec(
             job_id=job.id,
             files=[inst.path for inst in series.instances],
@@ -301,24 +312,3 @@ class Executor:
                     destinations=destinations,
                 )
         self.on_results()
-
-
-def job_summary(job: Job) -> dict[str, Any]:
-    """The job as the API shows it."""
-    return {
-        "id": job.id,
-        "route": job.route,
-        "handler": job.handler,
-        "model": job.model,
-        "model_version": job.model_version,
-        "model_sha256": job.model_sha256,
-        "status": job.status.value,
-        "attempts": job.attempts,
-        "error": job.error,
-        "summary": job.summary,
-        "outcome": job.outcome,
-        "timings": job.timings,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-    }
