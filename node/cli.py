@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except (ConfigError, ValueError, LookupError) as exc:

@@ -10,6 +10,7 @@ function OnStableSeries(seriesId, tags, metadata)
    local modality = tags['Modality'] or ''
    if FORWARD[modality] then
       print('AI node: forwarding series ' .. seriesId .. ' (' .. modality .. ')')
-      SendToModality(seriesId, AINODE)
+      -- One association for the whole series (SendToModality would take instance ids one by one).
+      RestApiPost('/modalities/' .. AINODE .. '/store', seriesId)
    end
 end
