@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from node.config import ConfigError, Settings, load_settings
+from node.runtime.package import ModelRefused
 
 log = logging.getLogger("ainode")
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
-    except (ConfigError, ValueError, LookupError) as exc:
+    except (ConfigError, ModelRefused, ValueError, LookupError) as exc:
         print(f"ainode {args.command}: {exc}", file=sys.stderr)
         return 2
 

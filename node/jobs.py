@@ -311,4 +311,5 @@ class Executor:
                     sop_uid=written.sop_uid,
                     destinations=destinations,
                 )
+        log.info("job %d done in %.1f s: %s", job_id, sum(output.timings.values()), output.summary)
         self.on_results()

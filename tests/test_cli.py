@@ -1,0 +1,109 @@
+"""The ``ainode`` commands as an admin runs them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+import tomli_w
+
+from node.training.ct_phantom import write_head_ct_series
+from tests.peers import REPO, OrthancServer, dciodvfy_errors, free_port
+
+
+def ainode(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+def test_check_config_accepts_the_example() -> None:
+    run = ainode("check-config", "--config", str(REPO / "config.example.toml"))
+    assert run.returncode == 0, run.stderr
+    assert "route head-ct: ct_hemorrhage with ct-hemorrhage" in run.stdout
+
+
+def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[study]\nstable_seconds = -1\n[[routes]]\nname="x"\nhandler="ct_hemorrhage"\nmodel="m"\n'
+        'match = { Modalty = "CT" }\n'
+    )
+    run = ainode("check-config", "--config", str(bad))
+    assert run.returncode == 2
+    assert "study.stable_seconds" in run.stderr
+
+
+def test_check_config_refuses_a_tampered_model(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "ct-hemorrhage", models / "ct-hemorrhage")
+    with open(models / "ct-hemorrhage" / "weights.pt", "ab") as weights:
+        weights.write(b"\0")
+    config = tmp_path / "config.toml"
+    config.write_bytes(
+        tomli_w.dumps(
+            {
+                "node": {"models_dir": str(models)},
+                "routes": [{"name": "head-ct", "handler": "ct_hemorrhage", "model": "ct-hemorrhage"}],
+            }
+        ).encode()
+    )
+    run = ainode("check-config", "--config", str(config))
+    assert run.returncode == 2
+    assert "sha256" in run.stderr
+
+
+def test_echo_a_destination(tmp_path: Path) -> None:
+    orthanc = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        config = tmp_path / "config.toml"
+        config.write_bytes(
+            tomli_w.dumps(
+                {
+                    "destinations": [
+                        {
+                            "name": "pacs",
+                            "ae_title": "ORTHANC",
+                            "host": "127.0.0.1",
+                            "port": orthanc.dicom_port,
+                        },
+                        {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()},
+                    ]
+                }
+            ).encode()
+        )
+        ok = ainode("echo", "pacs", "--config", str(config))
+        assert ok.returncode == 0 and "success" in ok.stdout
+        down = ainode("echo", "down", "--config", str(config))
+        assert down.returncode == 1 and "no association" in down.stdout
+        unknown = ainode("echo", "nope", "--config", str(config))
+        assert unknown.returncode == 2 and "no destination named 'nope'" in unknown.stderr
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.parametrize("hemorrhage", [True, False])
+def test_infer_offline_writes_valid_results(tmp_path: Path, hemorrhage: bool) -> None:
+    write_head_ct_series(tmp_path / "ct", 20, hemorrhage=hemorrhage, seed=900 + hemorrhage, size=256)
+    run = ainode(
+        "infer",
+        str(tmp_path / "ct"),
+        "--out",
+        str(tmp_path / "out"),
+        "--config",
+        str(REPO / "config.example.toml"),
+    )
+    assert run.returncode == 0, run.stderr
+    assert ("suspected" if hemorrhage else "No intracranial hemorrhage") in run.stdout
+    written = sorted((tmp_path / "out").rglob("*.dcm"))
+    assert {p.name[:2] for p in written} == {"SC", "SR"}
+    for path in written:
+        assert dciodvfy_errors(path) == [], path.name
+        assert (
+            pydicom.dcmread(path).StudyInstanceUID
+            == pydicom.dcmread(next((tmp_path / "ct").iterdir())).StudyInstanceUID
+        )
