@@ -1,11 +1,16 @@
 """The index of what arrived: patient, study, series and instance rows for each stored file.
 
-Kept apart from the network code so the receiver and the start-up reconciliation (files on disk
-that never made it into the database) share one path.
+Kept apart from the network code so the receiver's indexer and the start-up reconciliation (files on
+disk that never made it into the database) share one path.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +22,8 @@ from node import audit
 from node.config import StudySettings
 from node.db import Database, Instance, Patient, Series, SeriesStatus, Study, utcnow
 from node.spool import Spool
+
+log = logging.getLogger(__name__)
 
 HANDLED = (SeriesStatus.ROUTED, SeriesStatus.NO_ROUTE)
 
@@ -155,3 +162,75 @@ def reconcile(db: Database, spool: Spool, study_settings: StudySettings) -> int:
             audit.record(session, "instance.reindexed", study_uid=arrival.study_uid, sop_uid=arrival.sop_uid)
         found += 1
     return found
+
+
+class Indexer:
+    """Indexes arrivals in batches on its own thread, after they were acknowledged.
+
+    The spool file is what makes an instance safe; the index row only describes it. Batching turns
+    one database transaction per instance into one per burst, and an arrival the node did not get to
+    index before dying is found again by :func:`reconcile` at the next start.
+    """
+
+    BATCH = 200
+
+    def __init__(self, db: Database, study_settings: StudySettings, on_ready: Callable[[], None]) -> None:
+        self.db = db
+        self.study_settings = study_settings
+        self.on_ready = on_ready
+        self._queue: queue.Queue[Arrival | None] = queue.Queue(maxsize=10_000)
+        self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, arrival: Arrival, timeout: float = 30.0) -> None:
+        """Queue one arrival; raises queue.Full when the database has fallen far behind."""
+        self._queue.put(arrival, timeout=timeout)
+
+    def stop(self) -> None:
+        """Index what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[Arrival] = []
+            item = self._queue.get()
+            while item is not None and len(batch) < self.BATCH:
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stopping = item is None
+            self._index(batch)
+
+    def _index(self, batch: list[Arrival]) -> None:
+        delay, ready = 0.5, False
+        while batch:
+            try:
+                with audit.writing(self.db) as session:
+                    for arrival in batch:
+                        indexed = index_arrival(session, arrival, self.study_settings)
+                        ready = ready or indexed.series_ready
+                        audit.record(
+                            session,
+                            "instance.stored",
+                            actor=arrival.calling_ae,
+                            study_uid=arrival.study_uid,
+                            series_uid=arrival.series_uid,
+                            sop_uid=arrival.sop_uid,
+                            bytes=arrival.size,
+                            duplicate=indexed.duplicate,
+                            late=indexed.late,
+                        )
+                        session.flush()  # the next arrival of the batch sees this one's rows
+                break
+            except Exception:  # the database is down or busy: the files are safe, try again
+                log.exception("indexing %d arrival(s) failed; retrying in %.1f s", len(batch), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30)
+        if ready:
+            self.on_ready()

@@ -1,15 +1,16 @@
 """The DICOM listener: Storage SCP and Verification SCP (pynetdicom).
 
 A C-STORE is answered Success only after the received bytes — written as they came, no decode or
-re-encode — are durably in the spool and indexed. Everything else gets a DICOM failure status the
-sender understands, and an audit entry; no exception escapes into pynetdicom.
+re-encode — are durably in the spool; the indexer then records them in the database. Everything else
+gets a DICOM failure status the sender understands, and an audit entry; no exception escapes into
+pynetdicom.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
-from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
@@ -38,7 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import audit
 from node.config import Settings
 from node.db import Database
-from node.index import Arrival, index_arrival
+from node.index import Arrival, Indexer
 from node.spool import InvalidUID, Spool, check_uid
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,13 @@ def _peer(event: Any) -> tuple[str, str]:
 
 
 class Receiver:
-    """Runs the SCP in background threads; ``on_ready`` is called when a series becomes complete."""
+    """Runs the SCP in background threads and hands each stored instance to the indexer."""
 
-    def __init__(
-        self, settings: Settings, db: Database, spool: Spool, on_ready: Callable[[], None] = lambda: None
-    ) -> None:
+    def __init__(self, settings: Settings, db: Database, spool: Spool, indexer: Indexer) -> None:
         self.settings = settings
         self.db = db
         self.spool = spool
-        self.on_ready = on_ready
+        self.indexer = indexer
         self._server: ThreadedAssociationServer | None = None
 
     def _application_entity(self) -> AE:
@@ -202,19 +201,8 @@ class Receiver:
             calling_ae=calling,
             called_ae=event.assoc.acceptor.ae_title.strip(),
         )
-        with audit.writing(self.db) as session:
-            indexed = index_arrival(session, arrival, self.settings.study)
-            audit.record(
-                session,
-                "instance.stored",
-                actor=calling,
-                study_uid=study_uid,
-                series_uid=series_uid,
-                sop_uid=sop_uid,
-                bytes=len(data),
-                duplicate=indexed.duplicate,
-                late=indexed.late,
-            )
-        if indexed.series_ready:
-            self.on_ready()
+        try:
+            self.indexer.submit(arrival)
+        except queue.Full:  # stored, but the index is far behind: slow the sender down
+            return self._refuse(event, OUT_OF_RESOURCES, "the database is not keeping up")
         return SUCCESS

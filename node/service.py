@@ -16,7 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node import audit
 from node.config import Settings
 from node.db import Database, open_database
-from node.index import reconcile
+from node.index import Indexer, reconcile
 from node.jobs import Executor, requeue_interrupted
 from node.receive import Receiver
 from node.route import route_ready, validate
@@ -35,7 +35,8 @@ class Node:
         self.db: Database = open_database(settings.node.resolved_database_url)
         self.sender = Sender(settings, self.db)
         self.executor = Executor(settings, self.db, self.spool, on_results=lambda: self._wake("send"))
-        self.receiver = Receiver(settings, self.db, self.spool, on_ready=lambda: self._wake("route"))
+        self.indexer = Indexer(self.db, settings.study, on_ready=lambda: self._wake("route"))
+        self.receiver = Receiver(settings, self.db, self.spool, self.indexer)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running = False
 
@@ -73,6 +74,7 @@ class Node:
         self.scheduler.add_job(self._guarded(self.sender.run_due), "interval", seconds=1, id="send")
         self.scheduler.start()
         self.executor.start()
+        self.indexer.start()
         self.receiver.start()
         self.running = True
         log.info("node started: %d instance(s) re-indexed, %d job(s) re-queued", indexed, requeued)
@@ -80,6 +82,7 @@ class Node:
     def stop(self) -> None:
         self.running = False
         self.receiver.stop()
+        self.indexer.stop()
         self.scheduler.shutdown(wait=True)
         self.executor.stop()
         audit.append(self.db, "node.stopped")

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from node.db import AuditEvent, Database, Instance
 from node.training.ct_phantom import write_head_ct_series
-from tests.peers import NodeProcess, echoscu, storescu
+from tests.peers import NodeProcess, echoscu, storescu, wait_for
 
 # name: (bits stored of the unsigned source it needs, or 0 for the signed 16-bit CT; command)
 COMPRESSORS = {
@@ -88,22 +88,37 @@ def database(node: NodeProcess) -> Database:
     return Database(f"sqlite:///{node.folder / 'var' / 'ainode.db'}")
 
 
-def audit_actions(node: NodeProcess) -> list[str]:
-    db = database(node)
-    with db.session() as session:
-        actions = list(session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
-    db.dispose()
-    return actions
+def indexed(node: NodeProcess, count: int) -> dict[str, Instance]:
+    """The node's instances once ``count`` are indexed (the index follows the acknowledgement)."""
+
+    def read() -> dict[str, Instance]:
+        db = database(node)
+        with db.session() as session:
+            found = {i.sop_uid: i for i in session.scalars(select(Instance))}
+        db.dispose()
+        return found if len(found) >= count else {}
+
+    return wait_for(read, 30, f"{count} indexed instances")  # type: ignore[no-any-return]
+
+
+def audited(node: NodeProcess, action: str) -> bool:
+    """Wait until the node's audit log has ``action`` (events may follow the DICOM answer)."""
+
+    def read() -> bool:
+        db = database(node)
+        with db.session() as session:
+            found = session.scalar(select(AuditEvent.id).where(AuditEvent.action == action).limit(1))
+        db.dispose()
+        return found is not None
+
+    return bool(wait_for(read, 10, f"audit event {action}"))
 
 
 def test_every_transfer_syntax_is_stored_as_sent(node: NodeProcess, sources: dict[str, Path]) -> None:
     for name, source in sources.items():
         run = storescu(node.dicom_port, [source], extra=[PROPOSE[name]])
         assert run.returncode == 0, f"{name}: {run.stdout}{run.stderr}"
-    db = database(node)
-    with db.session() as session:
-        stored = {i.sop_uid: i for i in session.scalars(select(Instance))}
-    db.dispose()
+    stored = indexed(node, len(sources))
     assert len(stored) == len(sources)
     for name, source in sources.items():
         sent = pydicom.dcmread(source)
@@ -119,11 +134,9 @@ def test_every_transfer_syntax_is_stored_as_sent(node: NodeProcess, sources: dic
 def test_same_instance_twice_is_idempotent(node: NodeProcess, sources: dict[str, Path]) -> None:
     for _ in range(2):
         assert storescu(node.dicom_port, [sources["explicit"]]).returncode == 0
-    db = database(node)
-    with db.session() as session:
-        instances = session.scalars(select(Instance)).all()
-    db.dispose()
-    assert [(i.times_received) for i in instances] == [2]
+    wait_for(
+        lambda: [i.times_received for i in indexed(node, 1).values()] == [2], 30, "the duplicate indexed"
+    )
 
 
 def test_echo(node: NodeProcess) -> None:
@@ -135,13 +148,13 @@ def test_calling_ae_not_allowed_is_rejected_and_audited(node: NodeProcess, sourc
     run = storescu(node.dicom_port, [sources["explicit"]], calling="INTRUDER")
     assert run.returncode != 0
     assert "Rejected" in run.stdout + run.stderr
-    assert "association.rejected" in audit_actions(node)
+    assert audited(node, "association.rejected")
 
 
 def test_wrong_called_ae_is_rejected(node: NodeProcess, sources: dict[str, Path]) -> None:
     run = storescu(node.dicom_port, [sources["explicit"]], called="SOMEONE")
     assert run.returncode != 0
-    assert "association.rejected" in audit_actions(node)
+    assert audited(node, "association.rejected")
 
 
 def test_disk_below_floor_answers_out_of_resources(tmp_path: Path, sources: dict[str, Path]) -> None:
@@ -150,7 +163,7 @@ def test_disk_below_floor_answers_out_of_resources(tmp_path: Path, sources: dict
         run = storescu(node.dicom_port, [sources["explicit"]])
         assert "refused: outofresources" in (run.stdout + run.stderr).lower()  # 0xA700
         assert not list((node.folder / "var" / "incoming").rglob("*.dcm"))
-        assert "instance.refused" in audit_actions(node)
+        assert audited(node, "instance.refused")
     finally:
         node.stop()
 
