@@ -123,6 +123,10 @@ def test_orthanc_autoroutes_a_head_ct_and_gets_results_back(
     db = Database(f"sqlite:///{node.folder / 'var' / 'ainode.db'}")
     assert audit.verify(db) is None
     db.dispose()
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    log = node.log.read_text()
+    assert "job 1 done" in log  # the log is written, and says what happened ...
+    assert str(source.PatientID) not in log and "PHANTOM^HEAD" not in log  # ... without who it was about
 
 
 def test_rest_push_of_a_normal_head_ct(tmp_path: Path) -> None:
