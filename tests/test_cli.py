@@ -88,7 +88,7 @@ def test_echo_a_destination(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("hemorrhage", [True, False])
 def test_infer_offline_writes_valid_results(tmp_path: Path, hemorrhage: bool) -> None:
-    write_head_ct_series(tmp_path / "ct", 20, hemorrhage=hemorrhage, seed=900 + hemorrhage, size=256)
+    write_head_ct_series(tmp_path / "ct", 20, hemorrhage=hemorrhage, seed=900 + hemorrhage)
     run = ainode(
         "infer",
         str(tmp_path / "ct"),
