@@ -94,8 +94,6 @@ class Handler(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def analyse(
-        self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]
-    ) -> Analysis:
+    def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         """Analyse one series. ``options`` are the model manifest's task parameters overlaid with
         the route's ``options``; a handler validates them and names a bad one in its error."""

@@ -237,9 +237,6 @@ def select(models_dir: str | os.PathLike[str], name: str, version: str | None = 
     return package
 
 
-select_package = select  # the name node.jobs uses
-
-
 def identity(manifest: Manifest) -> ModelIdentity:
     return ModelIdentity(
         name=manifest.name,
