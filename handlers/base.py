@@ -42,7 +42,7 @@ class Explanation:
 
     source: Dataset
     image: np.ndarray  # (H, W, 3) uint8: the image as the handler showed it to the model (e.g. windowed)
-    heatmap: np.ndarray  # (H, W) float32 in [0, 1], same H and W as image
+    heatmap: np.ndarray  # (H, W) float32 in [0, 1], same H and W as image; 1 = strong evidence
     probability: float  # the probability of the explained label on this image
     label: str  # human-readable name of the explained label
 

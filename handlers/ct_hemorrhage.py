@@ -256,14 +256,16 @@ class CTHemorrhageHandler(Handler):
             chosen = ranked[:count]
             heatmaps = model.explain(batch[chosen], label_index)
             for index, heatmap in zip(chosen, heatmaps, strict=True):
-                hu = volume[index]
+                hu, slice_probability = volume[index], float(probabilities[index])
                 brain = (window(hu, *opts.windows[0]) * 255.0).round().astype(np.uint8)
                 explanations.append(
                     Explanation(
                         source=slices[index],
                         image=np.repeat(brain[:, :, None], 3, axis=2),
-                        heatmap=source_heatmap(heatmap, hu),
-                        probability=float(probabilities[index]),
+                        # Grad-CAM is scaled to its own peak; weighting it by the slice's probability
+                        # keeps a negative slice's overlay faint instead of showing a confident hot spot.
+                        heatmap=source_heatmap(heatmap, hu) * np.float32(slice_probability),
+                        probability=slice_probability,
                         label=HEMORRHAGE.meaning,
                     )
                 )

@@ -125,6 +125,7 @@ def test_negative_series_has_no_finding(model: LoadedModel, negative: list[Datas
     (explanation,) = analysis.explanations  # the most suspicious slice, shown to the reader
     top = max(analysis.details["slice_probabilities"].items(), key=lambda item: item[1])
     assert str(explanation.source.SOPInstanceUID) == top[0]
+    assert explanation.heatmap.max() <= explanation.probability + 1e-6  # faint: no confident-looking hot spot
     assert analysis.summary.startswith("No intracranial hemorrhage detected (p=")
 
 
