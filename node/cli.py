@@ -131,6 +131,34 @@ def cmd_demo_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from node.runtime.package import discover
+
+    settings = _settings(args)
+    packages = discover(settings.node.models_dir)
+    for package in packages:
+        m = package.manifest
+        print(
+            f"{m.name:24s} {m.version:10s} {m.framework:6s} {m.handler:20s} {m.sha256[:12]}  {package.path}"
+        )
+    if not packages:
+        print(f"no model packages in {settings.node.models_dir}")
+    return 0
+
+
+def cmd_models_validate(args: argparse.Namespace) -> int:
+    from node.runtime.validate import ValidationFailed, validate_package
+
+    try:
+        for check in validate_package(args.path):
+            print(f"ok   {check.name}: {check.detail}")
+    except ValidationFailed as exc:
+        print(f"FAIL {exc}")
+        return 1
+    print(f"{args.path}: ready to deploy")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from node.audit import verify
     from node.db import open_database
@@ -169,6 +197,15 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--normal", action="store_true", help="no bleed")
     demo.add_argument("--seed", type=int, default=7)
     command("audit-verify", cmd_audit_verify, "check the audit log's hash chain")
+    models = sub.add_parser("models", help="model packages").add_subparsers(
+        dest="models_command", required=True
+    )
+    listing = models.add_parser("list", help="installed model packages")
+    listing.add_argument("--config", type=Path, default=None)
+    listing.set_defaults(func=cmd_models_list)
+    check = models.add_parser("validate", help="load a package, run a smoke inference and Grad-CAM")
+    check.add_argument("path", help="a model package folder")
+    check.set_defaults(func=cmd_models_validate)
     return top
 
 

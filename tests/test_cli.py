@@ -107,3 +107,33 @@ def test_infer_offline_writes_valid_results(tmp_path: Path, hemorrhage: bool) ->
             pydicom.dcmread(path).StudyInstanceUID
             == pydicom.dcmread(next((tmp_path / "ct").iterdir())).StudyInstanceUID
         )
+
+
+def test_models_list_and_validate_the_bundled_model() -> None:
+    listing = ainode("models", "list", "--config", str(REPO / "config.example.toml"))
+    assert listing.returncode == 0 and "ct-hemorrhage" in listing.stdout and "1.0.0" in listing.stdout
+    run = ainode("models", "validate", str(REPO / "models" / "ct-hemorrhage"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ok   explain hemorrhage: Grad-CAM on layer4" in run.stdout and "ready to deploy" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text.replace('target_layer = "layer4"', 'target_layer = "layer9"'), "is not a layer"),
+        (lambda text: text.replace("num_classes = 2", "num_classes = 3"), "load:"),
+        (lambda text: text.replace('version = "1.0.0"', 'version = "one"'), "manifest: "),
+        (
+            lambda text: text.replace('handler = "ct_hemorrhage"', 'handler = "ct_unknown"'),
+            "no handler named",
+        ),
+    ],
+)
+def test_models_validate_names_what_is_wrong(tmp_path: Path, edit: object, message: str) -> None:
+    package = tmp_path / "ct-hemorrhage"
+    shutil.copytree(REPO / "models" / "ct-hemorrhage", package)
+    manifest = package / "manifest.toml"
+    manifest.write_text(edit(manifest.read_text()))  # type: ignore[operator]
+    run = ainode("models", "validate", str(package))
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "FAIL" in run.stdout and message in run.stdout

@@ -41,7 +41,10 @@ class TorchModel:
         self._package = package
         self._network = network_class(**manifest.architecture.args)
         state = torch.load(package.weights_path, map_location="cpu", weights_only=True)
-        self._network.load_state_dict(state)
+        try:
+            self._network.load_state_dict(state)
+        except RuntimeError as exc:  # missing, unexpected or differently shaped parameters
+            raise ValueError(f"{package.path}: the weights do not fit [architecture]: {exc}") from exc
         self._network.eval()
         self._check_outputs()
         if manifest.explain is not None and manifest.explain.target_layer not in dict(
