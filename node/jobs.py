@@ -236,6 +236,18 @@ class Executor:
         return spec, series.study.study_uid
 
     def _failed(self, job_id: int, failure: JobFailed) -> None:
+        if self._stop.is_set():  # the node is stopping and killed the worker: not the job's fault
+            with audit.writing(self.db) as session:
+                job = session.get_one(Job, job_id)
+                job.status, job.attempts = JobStatus.QUEUED, job.attempts - 1
+                audit.record(
+                    session,
+                    "job.requeued",
+                    study_uid=job.series.study.study_uid,
+                    job=job.id,
+                    reason="node stopping while the job was running",
+                )
+            return
         with audit.writing(self.db) as session:
             job = session.get_one(Job, job_id)
             retry = failure.kind not in ("model_refused", "model_missing") and (

@@ -74,3 +74,17 @@ def test_running_jobs_are_requeued_after_a_restart(db: Database, tmp_path: Path)
     assert requeue_interrupted(db) == 1
     with db.session() as session:
         assert session.scalars(select(Job.status)).one() == JobStatus.QUEUED
+
+
+def test_stopping_the_node_hands_a_running_job_back_uncounted(db: Database, tmp_path: Path) -> None:
+    queued_job(db, tmp_path, model="ct-hemorrhage")
+    settings = Settings.model_validate({"jobs": {"max_attempts": 1}})
+    executor = Executor(settings, db, Spool(tmp_path), on_results=lambda: None)
+    with db.session() as session:
+        job = session.scalars(select(Job)).one()
+        job.status, job.attempts = JobStatus.RUNNING, 1  # its last attempt, running
+    executor._stop.set()
+    executor._failed(job.id, JobFailed("crashed", "worker process died (exit code -9)"))
+    with db.session() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.status, job.attempts) == (JobStatus.QUEUED, 0)
