@@ -6,6 +6,7 @@ disk that never made it into the database) share one path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -56,10 +57,12 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    """An IS value as a database integer; out of the 32-bit range (legal in IS) counts as absent."""
     try:
-        return int(ds.get(keyword))
+        value = int(ds.get(keyword))
     except (TypeError, ValueError):
         return None
+    return value if -(2**31) <= value < 2**31 else None
 
 
 def index_arrival(session: Session, arrival: Arrival, study_settings: StudySettings) -> Indexed:
@@ -120,6 +123,12 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
         instance.received_at = now
         instance.transfer_syntax = arrival.transfer_syntax
         instance.size = arrival.size
+        if instance.series_fk != series.id or instance.path != str(arrival.path):
+            # The same SOP Instance UID re-sent under another series: it belongs where it now is.
+            instance.series.instance_count -= 1
+            instance.series = series
+            instance.path = str(arrival.path)
+            series.instance_count = (series.instance_count or 0) + 1
 
     late = series.status in HANDLED and not duplicate
     if late:
@@ -196,41 +205,67 @@ class Indexer:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch: list[Arrival] = []
             item = self._queue.get()
-            while item is not None and len(batch) < self.BATCH:
-                batch.append(item)
+            stopping = item is None
+            batch = [] if item is None else [item]
+            while not stopping and len(batch) < self.BATCH:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            stopping = item is None
-            self._index(batch)
-
-    def _index(self, batch: list[Arrival]) -> None:
-        delay, ready = 0.5, False
-        while batch:
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
             try:
-                with audit.writing(self.db) as session:
-                    for arrival in batch:
-                        indexed = index_arrival(session, arrival, self.study_settings)
-                        ready = ready or indexed.series_ready
-                        audit.record(
-                            session,
-                            "instance.stored",
-                            actor=arrival.calling_ae,
-                            study_uid=arrival.study_uid,
-                            series_uid=arrival.series_uid,
-                            sop_uid=arrival.sop_uid,
-                            bytes=arrival.size,
-                            duplicate=indexed.duplicate,
-                            late=indexed.late,
-                        )
-                        session.flush()  # the next arrival of the batch sees this one's rows
-                break
+                if batch and self._index(batch):
+                    self.on_ready()
+            except Exception:  # never let the indexer thread die
+                log.exception("indexer step failed")
+
+    def _index(self, batch: list[Arrival]) -> bool:
+        """Index a batch in one transaction; after repeated failures, one arrival at a time, setting
+        aside (and auditing) any that cannot be indexed. Returns whether a series became ready."""
+        for attempt in range(3):
+            try:
+                return self._index_together(batch)
             except Exception:  # the database is down or busy: the files are safe, try again
-                log.exception("indexing %d arrival(s) failed; retrying in %.1f s", len(batch), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30)
-        if ready:
-            self.on_ready()
+                log.exception("indexing %d arrival(s) failed (attempt %d)", len(batch), attempt + 1)
+                time.sleep(0.5 * 2**attempt)
+        ready = False
+        for arrival in batch:
+            try:
+                ready = self._index_together([arrival]) or ready
+            except Exception as exc:
+                log.exception("arrival could not be indexed; it stays in the spool")
+                with contextlib.suppress(Exception):
+                    audit.append(
+                        self.db,
+                        "instance.index_failed",
+                        outcome="failure",
+                        study_uid=arrival.study_uid,
+                        sop_uid=arrival.sop_uid,
+                        path=str(arrival.path),
+                        error=type(exc).__name__,
+                    )
+        return ready
+
+    def _index_together(self, batch: list[Arrival]) -> bool:
+        ready = False
+        with audit.writing(self.db) as session:
+            for arrival in batch:
+                indexed = index_arrival(session, arrival, self.study_settings)
+                ready = ready or indexed.series_ready
+                audit.record(
+                    session,
+                    "instance.stored",
+                    actor=arrival.calling_ae,
+                    study_uid=arrival.study_uid,
+                    series_uid=arrival.series_uid,
+                    sop_uid=arrival.sop_uid,
+                    bytes=arrival.size,
+                    duplicate=indexed.duplicate,
+                    late=indexed.late,
+                )
+                session.flush()  # the next arrival of the batch sees this one's rows
+        return ready

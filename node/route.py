@@ -12,6 +12,7 @@ that matches gets a job; a series that no route matches is recorded as "no route
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from node import audit
 from node.config import Route
 from node.db import Database, Job, Series, SeriesStatus
 
+log = logging.getLogger(__name__)
 _OPERATORS = {"glob", "regex", "gt", "ge", "lt", "le", "ne", "exists"}
 
 
@@ -154,50 +157,77 @@ def _subject(series: Series) -> Subject:
 
 
 def route_ready(db: Database, routes: Sequence[Route]) -> int:
-    """Create jobs for every ready series (or record that none matched). Returns jobs created."""
+    """Create jobs for every ready series (or record that none matched). Returns jobs created.
+
+    Each series is routed in its own savepoint, so one that cannot be routed never holds up the rest.
+    """
     created = 0
     with audit.writing(db) as session:
-        for series in session.scalars(select(Series).where(Series.status == SeriesStatus.READY)):
-            study_uid = series.study.study_uid
+        for series in session.scalars(select(Series).where(Series.status == SeriesStatus.READY)).all():
             try:
-                chosen = choose(routes, _subject(series))
-            except (OSError, InvalidDicomError) as exc:
-                chosen, series.route_note = [], f"first instance unreadable: {exc}"
-            if not chosen:
-                series.status = SeriesStatus.NO_ROUTE
-                series.route_note = series.route_note or "no route matched"
+                with session.begin_nested():
+                    created += _route_series(session, series, routes)
+            except Exception as exc:
+                log.exception("routing a series failed")
+                series.status, series.route_note = (
+                    SeriesStatus.NO_ROUTE,
+                    f"routing failed: {type(exc).__name__}",
+                )
                 audit.record(
                     session,
                     "route.none",
-                    study_uid=study_uid,
+                    outcome="failure",
+                    study_uid=series.study.study_uid,
                     series_uid=series.series_uid,
-                    modality=series.modality,
-                    body_part=series.body_part,
                     note=series.route_note,
                 )
-                continue
-            series.status = SeriesStatus.ROUTED
-            series.route_note = ", ".join(r.name for r in chosen)
-            for route in chosen:
-                session.add(
-                    Job(
-                        series=series,
-                        route=route.name,
-                        handler=route.handler,
-                        model=route.model,
-                        model_version=route.model_version or "",
-                        options=dict(route.options),
-                        destinations={"names": list(route.destinations)},
-                    )
-                )
-                audit.record(
-                    session,
-                    "route.chosen",
-                    study_uid=study_uid,
-                    series_uid=series.series_uid,
-                    route=route.name,
-                    handler=route.handler,
-                    model=route.model,
-                )
-                created += 1
     return created
+
+
+def _route_series(session: Session, series: Series, routes: Sequence[Route]) -> int:
+    study_uid = series.study.study_uid
+    chosen: list[Route] = []
+    if not series.instances:
+        series.route_note = "no instances left in this series"
+    else:
+        try:
+            chosen = choose(routes, _subject(series))
+        except (OSError, InvalidDicomError) as exc:
+            series.route_note = f"first instance unreadable: {exc}"
+    if not chosen:
+        series.status = SeriesStatus.NO_ROUTE
+        series.route_note = series.route_note or "no route matched"
+        audit.record(
+            session,
+            "route.none",
+            study_uid=study_uid,
+            series_uid=series.series_uid,
+            modality=series.modality,
+            body_part=series.body_part,
+            note=series.route_note,
+        )
+        return 0
+    series.status = SeriesStatus.ROUTED
+    series.route_note = ", ".join(r.name for r in chosen)
+    for route in chosen:
+        session.add(
+            Job(
+                series=series,
+                route=route.name,
+                handler=route.handler,
+                model=route.model,
+                model_version=route.model_version or "",
+                options=dict(route.options),
+                destinations={"names": list(route.destinations)},
+            )
+        )
+        audit.record(
+            session,
+            "route.chosen",
+            study_uid=study_uid,
+            series_uid=series.series_uid,
+            route=route.name,
+            handler=route.handler,
+            model=route.model,
+        )
+    return len(chosen)

@@ -9,7 +9,18 @@ from sqlalchemy import select, update
 
 from node import audit
 from node.config import Route, Settings, StudySettings
-from node.db import AuditEvent, Database, Job, Result, Send, SendStatus, Series, SeriesStatus, utcnow
+from node.db import (
+    AuditEvent,
+    Database,
+    Instance,
+    Job,
+    Result,
+    Send,
+    SendStatus,
+    Series,
+    SeriesStatus,
+    utcnow,
+)
 from node.index import Arrival, index_arrival, reconcile
 from node.route import route_ready
 from node.send import Sender, backoff
@@ -175,3 +186,30 @@ def test_unreachable_destination_is_retried_then_failed(db: Database, tmp_path: 
         actions = session.scalars(select(AuditEvent.action)).all()
     assert actions.count("result.send_retry") == 1 and actions.count("result.send_failed") == 1
     assert audit.verify(db) is None
+
+
+def test_indexer_indexes_every_arrival_across_batches(db: Database, tmp_path: Path) -> None:
+    from node.index import Indexer
+
+    spool, ready = Spool(tmp_path), []
+    indexer = Indexer(db, StudySettings(), on_ready=lambda: ready.append(1))
+    arrivals = [instance(spool) for _ in range(2 * Indexer.BATCH + 50)]
+    for arrival in arrivals:  # queued before the thread starts: full batches, as under load
+        indexer.submit(arrival)
+    indexer.start()
+    indexer.stop()
+    with db.session() as session:
+        assert set(session.scalars(select(Instance.sop_uid))) == {a.sop_uid for a in arrivals}
+        assert session.scalars(select(Series.instance_count)).one() == len(arrivals)
+
+
+def test_instance_resent_under_another_series_moves_and_routing_goes_on(db: Database, tmp_path: Path) -> None:
+    spool, study = Spool(tmp_path), StudySettings(stable_seconds=0)
+    first = instance(spool)
+    store(db, first, study)
+    other_series = generate_uid()
+    store(db, instance(spool, series=other_series, sop=first.sop_uid), study)
+    mark_stable(db, study)
+    assert route_ready(db, ROUTES) == 1
+    assert series_status(db) == SeriesStatus.NO_ROUTE  # emptied: recorded, not a blocker
+    assert series_status(db, other_series) == SeriesStatus.ROUTED
