@@ -71,10 +71,13 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
     ds = arrival.header
     study = session.scalar(select(Study).where(Study.study_uid == arrival.study_uid))
     if study is None:
-        patient_id = _text(ds, "PatientID", 64)
-        patient = session.scalar(select(Patient).where(Patient.patient_id == patient_id))
+        patient_id, patient_name = _text(ds, "PatientID", 64), _text(ds, "PatientName", 324)
+        # ID and name together: an empty or reused ID must not merge two people's studies.
+        patient = session.scalar(
+            select(Patient).where(Patient.patient_id == patient_id, Patient.patient_name == patient_name)
+        )
         if patient is None:
-            patient = Patient(patient_id=patient_id, patient_name=_text(ds, "PatientName", 324))
+            patient = Patient(patient_id=patient_id, patient_name=patient_name)
             session.add(patient)
         study = Study(
             study_uid=arrival.study_uid,
@@ -142,10 +145,12 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
     return Indexed(duplicate=duplicate, late=late, series_ready=series.status == SeriesStatus.READY)
 
 
-def reconcile(db: Database, spool: Spool, study_settings: StudySettings) -> int:
+def reconcile(db: Database, spool: Spool, study_settings: StudySettings, called_ae: str = "") -> int:
     """Index spool files the database does not know (stored, then the node died before indexing).
 
-    Also deletes partial writes, which were never acknowledged. Returns how many files were indexed.
+    How they arrived is not on disk; they are taken as sent to ``called_ae`` (the node's own AE
+    title) so that routes on it still match. Also deletes partial writes, which were never
+    acknowledged. Returns how many files were indexed.
     """
     for leftover in spool.leftover_temp_files():
         leftover.unlink(missing_ok=True)
@@ -155,7 +160,14 @@ def reconcile(db: Database, spool: Spool, study_settings: StudySettings) -> int:
     for path in sorted(spool.incoming.glob("*/*/*.dcm")):
         if path.stem in known:
             continue
-        header = dcmread(path, stop_before_pixels=True)
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # one damaged file must not keep the node from starting
+            log.warning("spool file %s unreadable: %s", path.name, type(exc).__name__)
+            audit.append(
+                db, "instance.unreadable", outcome="failure", path=str(path), error=type(exc).__name__
+            )
+            continue
         arrival = Arrival(
             study_uid=path.parent.parent.name,
             series_uid=path.parent.name,
@@ -165,6 +177,7 @@ def reconcile(db: Database, spool: Spool, study_settings: StudySettings) -> int:
             path=path,
             size=path.stat().st_size,
             header=header,
+            called_ae=called_ae,
         )
         with audit.writing(db) as session:
             index_arrival(session, arrival, study_settings)

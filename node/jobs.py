@@ -214,7 +214,15 @@ class Executor:
         except JobFailed as failure:
             self._failed(job.id, failure)
             return True
-        self._done(job.id, output)
+        except Exception as exc:  # e.g. the worker could not start: the job must not stay RUNNING
+            slot.close()
+            self._failed(job.id, JobFailed("error", f"{type(exc).__name__}: {exc}"))
+            return True
+        try:
+            self._done(job.id, output)
+        except Exception as exc:  # results written but not recorded: run again rather than lose them
+            log.exception("recording job %d failed", job.id)
+            self._failed(job.id, JobFailed("error", f"recording results failed: {type(exc).__name__}"))
         return True
 
     def _spec(self, job: Job) -> tuple[JobSpec | JobFailed, str]:
@@ -225,6 +233,8 @@ class Executor:
             return JobFailed("model_missing", str(exc)), series.study.study_uid
         except ModelRefused as exc:
             return JobFailed("model_refused", str(exc)), series.study.study_uid
+        except Exception as exc:  # unreadable package folder and the like: fail this job, not the queue
+            return JobFailed("model_missing", f"{type(exc).__name__}: {exc}"), series.study.study_uid
         spec = JobSpec(
             job_id=job.id,
             files=[inst.path for inst in series.instances],

@@ -15,7 +15,6 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -40,7 +39,7 @@ from node import audit
 from node.config import Settings
 from node.db import Database
 from node.index import Arrival, Indexer
-from node.spool import InvalidUID, Spool, check_uid
+from node.spool import Spool, check_uid
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +178,10 @@ class Receiver:
             header = dcmread(BytesIO(data), stop_before_pixels=True)
             study_uid = check_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
             series_uid = check_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        except (InvalidUID, InvalidDicomError, ValueError, EOFError, OSError, AttributeError) as exc:
-            return self._refuse(event, CANNOT_UNDERSTAND, f"unreadable data set: {exc}")
+        except Exception as exc:  # whatever the parser trips on, the sender must not retry it as is
+            return self._refuse(event, CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}: {exc}")
         if str(header.get("SOPInstanceUID", "")) != sop_uid:
-            return self._refuse(event, DATASET_MISMATCH, "SOPInstanceUID differs from the request's")
+            return self._refuse(event, CANNOT_UNDERSTAND, "SOPInstanceUID differs from the request's")
         sop_class = str(event.request.AffectedSOPClassUID)
         if str(header.get("SOPClassUID", sop_class)) != sop_class:
             return self._refuse(event, DATASET_MISMATCH, "SOPClassUID differs from the request's")

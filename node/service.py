@@ -60,7 +60,7 @@ class Node:
         return run
 
     def start(self) -> None:
-        indexed = reconcile(self.db, self.spool, self.settings.study)
+        indexed = reconcile(self.db, self.spool, self.settings.study, self.settings.node.ae_title)
         requeued = requeue_interrupted(self.db)
         audit.append(
             self.db,

@@ -35,9 +35,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs_durably(folder: Path) -> None:
+    """mkdir -p, fsyncing the parent of every folder it creates: a new study's folder must survive a
+    power cut as surely as the file in it."""
+    if folder.is_dir():
+        return
+    _make_dirs_durably(folder.parent)
+    try:
+        folder.mkdir()
+    except FileExistsError:  # another association created it first
+        return
+    _fsync_dir(folder.parent)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader (or a crash) sees either nothing or all of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs_durably(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:

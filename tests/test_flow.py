@@ -143,10 +143,15 @@ def test_reconcile_indexes_files_the_database_lost(db: Database, tmp_path: Path)
     spool = Spool(tmp_path)
     instance(spool)  # on disk, never indexed (the node died in between)
     (spool.incoming / ".tmp-x.part").write_bytes(b"partial")
-    assert reconcile(db, spool, StudySettings()) == 1
-    assert reconcile(db, spool, StudySettings()) == 0
+    damaged = spool.instance_path(STUDY, SERIES, generate_uid())
+    damaged.write_bytes(b"not DICOM")  # one damaged file must not stop the node from starting
+    assert reconcile(db, spool, StudySettings(), called_ae="AINODE") == 1
+    assert reconcile(db, spool, StudySettings(), called_ae="AINODE") == 0
     assert spool.leftover_temp_files() == []
     assert series_status(db) == SeriesStatus.RECEIVING
+    with db.session() as session:
+        assert session.scalars(select(Series.called_ae)).one() == "AINODE"  # routes on it still match
+        assert "instance.unreadable" in session.scalars(select(AuditEvent.action)).all()
 
 
 def test_backoff_grows_and_is_capped() -> None:
