@@ -117,19 +117,18 @@ class WorkerSlot:
             self._process = None
 
 
+def _requeue(session: Session, job: Job, reason: str) -> None:
+    """Queue a job again that was interrupted through no fault of its own."""
+    job.status = JobStatus.QUEUED
+    audit.record(session, "job.requeued", study_uid=job.series.study.study_uid, job=job.id, reason=reason)
+
+
 def requeue_interrupted(db: Database) -> int:
     """Jobs left running by a node that stopped: queue them again. Returns how many."""
     with audit.writing(db) as session:
         jobs = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
         for job in jobs:
-            job.status = JobStatus.QUEUED
-            audit.record(
-                session,
-                "job.requeued",
-                study_uid=job.series.study.study_uid,
-                job=job.id,
-                reason="node restarted while the job was running",
-            )
+            _requeue(session, job, "node restarted while the job was running")
         return len(jobs)
 
 
@@ -249,14 +248,8 @@ class Executor:
         if self._stop.is_set():  # the node is stopping and killed the worker: not the job's fault
             with audit.writing(self.db) as session:
                 job = session.get_one(Job, job_id)
-                job.status, job.attempts = JobStatus.QUEUED, job.attempts - 1
-                audit.record(
-                    session,
-                    "job.requeued",
-                    study_uid=job.series.study.study_uid,
-                    job=job.id,
-                    reason="node stopping while the job was running",
-                )
+                job.attempts -= 1
+                _requeue(session, job, "node stopping while the job was running")
             return
         with audit.writing(self.db) as session:
             job = session.get_one(Job, job_id)
