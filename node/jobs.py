@@ -196,16 +196,17 @@ class Executor:
             job = _claim(session)
             if job is None:
                 return False
-            spec, study_uid = self._spec(job)
+            files = [inst.path for inst in job.series.instances]
             audit.record(
                 session,
                 "job.started",
-                study_uid=study_uid,
+                study_uid=job.series.study.study_uid,
                 job=job.id,
                 route=job.route,
                 model=job.model,
                 attempt=job.attempts,
             )
+        spec = self._spec(job, files)  # hashes the weights: outside the lock every writer shares
         try:
             if isinstance(spec, JobFailed):
                 raise spec
@@ -224,25 +225,23 @@ class Executor:
             self._failed(job.id, JobFailed("error", f"recording results failed: {type(exc).__name__}"))
         return True
 
-    def _spec(self, job: Job) -> tuple[JobSpec | JobFailed, str]:
-        series = job.series
+    def _spec(self, job: Job, files: list[str]) -> JobSpec | JobFailed:
         try:
             package = select_package(self.settings.node.models_dir, job.model, job.model_version or None)
         except LookupError as exc:
-            return JobFailed("model_missing", str(exc)), series.study.study_uid
+            return JobFailed("model_missing", str(exc))
         except ModelRefused as exc:
-            return JobFailed("model_refused", str(exc)), series.study.study_uid
+            return JobFailed("model_refused", str(exc))
         except Exception as exc:  # unreadable package folder and the like: fail this job, not the queue
-            return JobFailed("model_missing", f"{type(exc).__name__}: {exc}"), series.study.study_uid
-        spec = JobSpec(
+            return JobFailed("model_missing", f"{type(exc).__name__}: {exc}")
+        return JobSpec(
             job_id=job.id,
-            files=[inst.path for inst in series.instances],
+            files=files,
             handler=job.handler,
             model_dir=str(package),
             options=job.options,
             out_dir=str(self.spool.result_dir(job.id)),
         )
-        return spec, series.study.study_uid
 
     def _failed(self, job_id: int, failure: JobFailed) -> None:
         if self._stop.is_set():  # the node is stopping and killed the worker: not the job's fault
