@@ -2,12 +2,12 @@
 # Installs the node into ./.venv: Debian packages (Orthanc, dcmtk, dicom3tools), PyTorch's CPU build
 # first (a looser torch requirement would pull several GB of CUDA packages), then the node itself.
 #   bash deploy/install.sh          the node
-#   bash deploy/install.sh --test   the node and its test tools
+#   bash deploy/install.sh --test   the node, TensorFlow for Keras models, and the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+[ "${1:-}" = "--test" ] && extras="[tensorflow,test]"
 
 packages="orthanc dcmtk dicom3tools"
 missing=""

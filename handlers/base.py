@@ -88,6 +88,20 @@ class Model(Protocol):
         ...
 
 
+class SegmentationModel(Protocol):
+    """What a handler needs from a loaded segmentation model (manifest ``task = "segmentation"``)."""
+
+    @property
+    def labels(self) -> Sequence[str]: ...
+
+    @property
+    def input_size(self) -> tuple[int, int]: ...
+
+    def segment(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 → (N, n_labels, H, W) per-pixel probabilities (softmax over labels)."""
+        ...
+
+
 class Handler(ABC):
     """One clinical task. Subclasses set ``name`` and implement :meth:`analyse`."""
 

@@ -204,7 +204,7 @@ class CTHemorrhageHandler(Handler):
                 f"ct_hemorrhage needs a model with a {HEMORRHAGE_LABEL!r} label, got {list(model.labels)}"
             )
         label_index = list(model.labels).index(HEMORRHAGE_LABEL)
-        # Loaded packages carry per-label thresholds from their manifest (node.runtime.LoadedModel).
+        # Loaded packages carry per-label thresholds from their manifest (node.runtime.PackagedModel).
         manifest_thresholds: Mapping[str, float] = getattr(model, "thresholds", {})
         threshold = (
             opts.threshold

@@ -14,6 +14,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.config import ConfigError, Settings, load_settings
 from node.runtime.package import ModelRefused
+from node.training import DEMO_MODELS
 
 log = logging.getLogger("ainode")
 
@@ -159,6 +160,22 @@ def cmd_models_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_export(args: argparse.Namespace) -> int:
+    from node.runtime.export import export_package
+
+    package = export_package(args.path, args.to, args.out)
+    manifest = package.manifest
+    print(f"wrote {package.path}: {manifest.framework} {manifest.weights} {manifest.sha256[:12]}")
+    return 0
+
+
+def cmd_models_train_demo(args: argparse.Namespace) -> int:
+    from node.training import train_demo
+
+    train_demo(args.name, ["--out", str(args.out or Path("models") / args.name)])
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from node.audit import verify
     from node.db import open_database
@@ -206,6 +223,19 @@ def parser() -> argparse.ArgumentParser:
     check = models.add_parser("validate", help="load a package, run a smoke inference and Grad-CAM")
     check.add_argument("path", help="a model package folder")
     check.set_defaults(func=cmd_models_validate)
+    export = models.add_parser(
+        "export", help="write a torch package as TorchScript or ONNX, with Grad-CAM's features as an output"
+    )
+    export.add_argument("path", help="a torch state_dict package folder")
+    export.add_argument("--to", choices=["onnx", "torchscript"], required=True)
+    export.add_argument("--out", type=Path, required=True, help="the new package folder")
+    export.set_defaults(func=cmd_models_export)
+    train = models.add_parser(
+        "train-demo", help="train a demonstration model on synthetic phantoms (reproducible, ≤ 10 min)"
+    )
+    train.add_argument("name", choices=sorted(DEMO_MODELS))
+    train.add_argument("--out", type=Path, help="package folder to write (default: models/NAME)")
+    train.set_defaults(func=cmd_models_train_demo)
     return top
 
 

@@ -18,7 +18,7 @@ from pydicom import Dataset, dcmread
 
 from handlers import get_handler
 from node.results import secondary_captures, structured_report
-from node.runtime import LoadedModel, load_model
+from node.runtime import PackagedModel, load_model
 from node.runtime.identity import ModelIdentity
 from node.spool import write_atomic
 
@@ -53,10 +53,10 @@ class JobOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-_models: dict[str, LoadedModel] = {}
+_models: dict[str, PackagedModel] = {}
 
 
-def _model(model_dir: str) -> LoadedModel:
+def _model(model_dir: str) -> PackagedModel:
     """Models stay loaded in a worker between jobs; the sha256 is checked on each first load."""
     if model_dir not in _models:
         _models[model_dir] = load_model(Path(model_dir))

@@ -18,7 +18,7 @@ from pydicom import Dataset, dcmread
 
 from handlers.base import Analysis
 from handlers.ct_hemorrhage import HEMORRHAGE, CTHemorrhageHandler, preprocess
-from node.runtime import LoadedModel, load_model
+from node.runtime import PackagedModel, load_model
 from node.training.ct_phantom import (
     FIELD_OF_VIEW_MM,
     SLICE_THICKNESS_MM,
@@ -35,7 +35,7 @@ handler = CTHemorrhageHandler()
 
 
 @pytest.fixture(scope="module")
-def model() -> LoadedModel:
+def model() -> PackagedModel:
     return load_model(REPO / "models" / "ct-hemorrhage")
 
 
@@ -56,7 +56,7 @@ def negative(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
     return read_series(tmp_path_factory.mktemp("negative"), hemorrhage=False, seed=NEGATIVE_SEED)
 
 
-def analyse(datasets: Sequence[Dataset], model: LoadedModel, **options: Any) -> Analysis:
+def analyse(datasets: Sequence[Dataset], model: PackagedModel, **options: Any) -> Analysis:
     return handler.analyse(datasets, model, {**model.manifest.options, **options})
 
 
@@ -78,7 +78,7 @@ def test_written_slices_are_valid_ct_images(tmp_path: Path) -> None:
 
 
 def test_positive_series_finds_hemorrhage_and_explains_it_on_the_bleed(
-    model: LoadedModel, positive: list[Dataset]
+    model: PackagedModel, positive: list[Dataset]
 ) -> None:
     analysis = analyse(positive, model)
     assert analysis.analysed
@@ -118,7 +118,7 @@ def test_positive_series_finds_hemorrhage_and_explains_it_on_the_bleed(
     assert max(per_slice[uid] for uid in bleeding) > max(per_slice[uid] for uid in set(per_slice) - bleeding)
 
 
-def test_negative_series_has_no_finding(model: LoadedModel, negative: list[Dataset]) -> None:
+def test_negative_series_has_no_finding(model: PackagedModel, negative: list[Dataset]) -> None:
     analysis = analyse(negative, model)
     (finding,) = analysis.findings
     assert not finding.present and finding.probability < 0.5
@@ -129,7 +129,7 @@ def test_negative_series_has_no_finding(model: LoadedModel, negative: list[Datas
     assert analysis.summary.startswith("No intracranial hemorrhage detected (p=")
 
 
-def test_shuffled_slices_come_out_sorted(model: LoadedModel, positive: list[Dataset]) -> None:
+def test_shuffled_slices_come_out_sorted(model: PackagedModel, positive: list[Dataset]) -> None:
     shuffled = positive[:]
     random.Random(3).shuffle(shuffled)
     analysis = analyse(shuffled, model, explain_slices=0)
@@ -139,7 +139,7 @@ def test_shuffled_slices_come_out_sorted(model: LoadedModel, positive: list[Data
     assert analysis.details["slice_probabilities"] == in_order.details["slice_probabilities"]
 
 
-def test_aggregation_options(model: LoadedModel, positive: list[Dataset]) -> None:
+def test_aggregation_options(model: PackagedModel, positive: list[Dataset]) -> None:
     top = analyse(positive, model, aggregation="max", explain_slices=0)
     per_slice = np.array(list(top.details["slice_probabilities"].values()))
     assert top.findings[0].probability == pytest.approx(per_slice.max(), abs=1e-4)
@@ -150,7 +150,7 @@ def test_aggregation_options(model: LoadedModel, positive: list[Dataset]) -> Non
     assert everything.findings[0].probability < mean5.findings[0].probability
 
 
-def test_threshold_option_overrides_the_manifest(model: LoadedModel, positive: list[Dataset]) -> None:
+def test_threshold_option_overrides_the_manifest(model: PackagedModel, positive: list[Dataset]) -> None:
     analysis = analyse(positive, model, threshold=0.999999, explain_slices=0)
     assert analysis.findings[0].threshold == 0.999999 and not analysis.findings[0].present
 
@@ -167,13 +167,13 @@ def test_threshold_option_overrides_the_manifest(model: LoadedModel, positive: l
     ],
 )
 def test_a_bad_option_is_named(
-    model: LoadedModel, positive: list[Dataset], options: dict[str, Any], named: str
+    model: PackagedModel, positive: list[Dataset], options: dict[str, Any], named: str
 ) -> None:
     with pytest.raises(ValueError, match=f"option '{named}"):
         handler.analyse(positive, model, options)
 
 
-def test_a_non_ct_series_is_not_analysed(model: LoadedModel, positive: list[Dataset]) -> None:
+def test_a_non_ct_series_is_not_analysed(model: PackagedModel, positive: list[Dataset]) -> None:
     mr = [copy.deepcopy(ds) for ds in positive]
     for ds in mr:
         ds.Modality = "MR"
@@ -182,7 +182,7 @@ def test_a_non_ct_series_is_not_analysed(model: LoadedModel, positive: list[Data
     assert analysis.not_analysed_reason == "not a CT series (Modality MR)"
 
 
-def test_blank_images_are_not_analysed(model: LoadedModel, positive: list[Dataset]) -> None:
+def test_blank_images_are_not_analysed(model: PackagedModel, positive: list[Dataset]) -> None:
     blank = [copy.deepcopy(ds) for ds in positive]
     for ds in blank:
         ds.PixelData = bytes(len(ds.PixelData))  # stored 0 → -1024 HU everywhere
@@ -194,7 +194,7 @@ def test_blank_images_are_not_analysed(model: LoadedModel, positive: list[Datase
 
 
 def test_localizers_are_dropped_and_too_few_slices_refused(
-    model: LoadedModel, positive: list[Dataset]
+    model: PackagedModel, positive: list[Dataset]
 ) -> None:
     scout = copy.deepcopy(positive[0])
     scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
@@ -220,7 +220,7 @@ def test_preprocess_windows_into_three_channels() -> None:
     np.testing.assert_allclose(x[2], bone, rtol=1e-6)
 
 
-def test_pointing_game_floor_on_fresh_phantoms(model: LoadedModel) -> None:
+def test_pointing_game_floor_on_fresh_phantoms(model: PackagedModel) -> None:
     """A broken explanation path (wrong layer, flipped normalisation, misaligned resize) fails here."""
     rng = np.random.default_rng(777)  # neither the training nor the model card's held-out seeds
     phantoms = [sample_slice(rng, 256, p_hemorrhage=1.0) for _ in range(40)]

@@ -171,9 +171,17 @@ def test_a_broken_package_does_not_hide_the_others(tmp_path: Path) -> None:
     assert [p.manifest.version for p in discover(tmp_path)] == ["1.0.0"]
 
 
-def test_unimplemented_frameworks_say_so(tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="onnx"):
-        load_model(make_package(tmp_path, framework="onnx"))
+def test_an_architecture_belongs_to_torch_state_dicts_only(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="onnx file carries its own architecture"):
+        load_manifest(make_package(tmp_path, framework="onnx"))
+
+
+def test_a_file_that_is_not_what_the_manifest_says_is_refused_clearly(tmp_path: Path) -> None:
+    folder = make_package(tmp_path)
+    text = (folder / "manifest.toml").read_text()
+    (folder / "manifest.toml").write_text(text[: text.index("[architecture]")] + text[text.index("[input]") :])
+    with pytest.raises(ValueError, match="not a TorchScript file; a state_dict needs \\[architecture\\]"):
+        load_model(folder)
 
 
 def test_identity_carries_the_weights_hash(tmp_path: Path) -> None:

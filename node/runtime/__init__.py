@@ -3,42 +3,32 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Protocol
 
-from handlers.base import Model
-from node.runtime.identity import ModelIdentity
-from node.runtime.package import Manifest, ModelPackage, open_package, verify_weights
+from node.runtime.model import PackagedModel
+from node.runtime.package import ModelPackage, open_package, verify_weights
+
+__all__ = ["PackagedModel", "load_model"]
 
 
-class LoadedModel(Model, Protocol):
-    """A model handlers can run, that also says which package (and so which weights) it is."""
-
-    @property
-    def manifest(self) -> Manifest: ...
-
-    @property
-    def path(self) -> Path: ...
-
-    @property
-    def identity(self) -> ModelIdentity: ...
-
-    @property
-    def thresholds(self) -> Mapping[str, float]: ...
-
-
-def load_model(package: ModelPackage | str | os.PathLike[str]) -> LoadedModel:
-    """Verify the weights' sha256 before anything reads them, then build the model for its framework."""
+def load_model(package: ModelPackage | str | os.PathLike[str]) -> PackagedModel:
+    """Verify the weights' sha256 before anything reads them, then load the model with its framework's
+    runtime (each imported only when a model of its kind is loaded: TensorFlow is an optional extra)."""
     if not isinstance(package, ModelPackage):
         package = open_package(package)
     verify_weights(package.path, package.manifest)
     framework = package.manifest.framework
     if framework == "torch":
-        from node.runtime.torch import TorchModel  # torch is imported only when a torch model is loaded
+        from node.runtime.torch import TorchModel
 
         return TorchModel(package)
-    raise NotImplementedError(
-        f"model {package.manifest.name}: framework {framework!r} is allowed in manifests "
-        "but this node has no runtime for it yet (only 'torch')"
-    )
+    if framework == "onnx":
+        from node.runtime.onnx import OnnxModel
+
+        return OnnxModel(package)
+    try:
+        from node.runtime.keras import KerasModel
+    except ImportError as exc:
+        raise ValueError(
+            f"model {package.manifest.name}: a keras model needs TensorFlow: pip install 'ainode[tensorflow]'"
+        ) from exc
+    return KerasModel(package)

@@ -61,13 +61,22 @@ class Label(_Strict):
 
 
 class Architecture(_Strict):
-    network: str = Field(min_length=1)  # a class in monai.networks.nets (torch packages)
+    """For a torch state_dict: the MONAI network to build. Whole-model files (TorchScript, Keras, ONNX)
+    carry their own architecture and have none."""
+
+    network: str = Field(min_length=1)  # a class in monai.networks.nets
     args: dict[str, Any] = Field(default_factory=dict)
 
 
 class InputSpec(_Strict):
+    """What the network takes. Handlers produce (C, H, W) images in [0, 1]; the runtime then applies
+    ``(x - mean) / std`` per channel, so a hospital's model trained with its own normalisation runs as
+    trained (e.g. ImageNet's mean and std)."""
+
     size: tuple[int, int]  # (H, W) the model takes
     channels: int = Field(ge=1)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @field_validator("size")
     @classmethod
@@ -76,9 +85,25 @@ class InputSpec(_Strict):
             raise ValueError("both sides must be positive")
         return size
 
+    @model_validator(mode="after")
+    def _per_channel(self) -> InputSpec:
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and len(values) != self.channels:
+                raise ValueError(f"{key}: {len(values)} values for {self.channels} channels")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("std: every value must be positive")
+        return self
+
 
 class ExplainSpec(_Strict):
-    target_layer: str = Field(min_length=1)  # module name for Grad-CAM, e.g. "layer4"
+    """Grad-CAM's target: a layer name (torch module, Keras layer) or, for ONNX, the name of the output
+    that carries that layer's feature maps. ``classifier`` names the final linear layer when the head
+    is global average pooling + that layer: Grad-CAM then equals CAM from the forward pass alone (the
+    fast path); the runtime checks the claim numerically at load."""
+
+    target_layer: str = Field(min_length=1)
+    classifier: str | None = Field(default=None, min_length=1)
     flips: bool = False  # trained with mirrored and flipped images: explanations may average over them
 
 
@@ -89,13 +114,14 @@ class Manifest(_Strict):
     version: str
     handler: str = Field(min_length=1)
     framework: Literal["torch", "keras", "onnx"]
+    task: Literal["classification", "segmentation"] = "classification"
     weights: str = Field(pattern=r"^[^/\\]+$")  # a file inside the package folder, never a path out of it
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     family: str = Field(min_length=1)
     description: str = Field(min_length=1)
     intended_use: str = Field(min_length=1)
     disclaimer: str
-    architecture: Architecture
+    architecture: Architecture | None = None
     input: InputSpec
     options: dict[str, Any] = Field(default_factory=dict)  # task parameters for the handler
     labels: list[Label] = Field(min_length=1)
@@ -120,6 +146,20 @@ class Manifest(_Strict):
         names = [label.name for label in self.labels]
         if len(set(names)) != len(names):
             raise ValueError(f"labels: names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _architecture_for_state_dicts_only(self) -> Manifest:
+        if self.architecture is not None and self.framework != "torch":
+            raise ValueError(
+                f"architecture: a {self.framework} file carries its own architecture; leave it out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _explained_classifiers(self) -> Manifest:
+        if self.task == "classification" and self.explain is None:
+            raise ValueError("explain: a classifier needs [explain] target_layer; every result is explained")
         return self
 
     @property

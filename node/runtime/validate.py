@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from handlers import get_handler
-from node.runtime import load_model
+from node.runtime import PackagedModel, load_model
 from node.runtime.package import ModelRefused, open_package
 
 
@@ -57,6 +57,9 @@ def validate_package(path: str | os.PathLike[str], seed: int = 0) -> list[Check]
 
     height, width = model.input_size
     batch = np.random.default_rng(seed).random((2, manifest.input.channels, height, width), dtype=np.float32)
+    if manifest.task == "segmentation":
+        checks.append(_check_segment(model, batch))
+        return checks
     start = time.perf_counter()
     probabilities = model.predict(batch)
     elapsed = (time.perf_counter() - start) / len(batch)
@@ -64,28 +67,42 @@ def validate_package(path: str | os.PathLike[str], seed: int = 0) -> list[Check]
         raise ValidationFailed(
             f"predict: shape {probabilities.shape}, expected {(len(batch), len(model.labels))}"
         )
-    if not np.all(np.isfinite(probabilities)) or not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4):
-        raise ValidationFailed("predict: probabilities are not finite or do not sum to 1")
+    _check_probabilities("predict", probabilities, axis=1)
     checks.append(Check("predict", f"{len(model.labels)} labels, {elapsed * 1000:.0f} ms per image"))
 
-    if manifest.explain is None:
-        raise ValidationFailed(
-            "explain: the manifest has no [explain] target_layer; every result must be explained"
-        )
+    assert manifest.explain is not None  # the manifest schema requires it for classifiers
     for index, label in enumerate(model.labels):
-        start = time.perf_counter()
-        maps = model.explain(batch, index)
-        elapsed = (time.perf_counter() - start) / len(batch)
-        if maps.shape != (len(batch), height, width):
-            raise ValidationFailed(
-                f"explain {label}: shape {maps.shape}, expected {(len(batch), height, width)}"
-            )
-        if not np.all(np.isfinite(maps)) or maps.min() < 0 or maps.max() > 1:
-            raise ValidationFailed(f"explain {label}: heatmap values outside [0, 1]")
+        timings = []
+        for method in model.explain_methods:
+            start = time.perf_counter()
+            maps = model.explain(batch, index, method=method)  # type: ignore[arg-type]
+            timings.append(f"{method} {(time.perf_counter() - start) / len(batch) * 1000:.0f} ms")
+            if maps.shape != (len(batch), height, width):
+                raise ValidationFailed(
+                    f"explain {label} ({method}): shape {maps.shape}, expected {(len(batch), height, width)}"
+                )
+            if not np.all(np.isfinite(maps)) or maps.min() < 0 or maps.max() > 1:
+                raise ValidationFailed(f"explain {label} ({method}): heatmap values outside [0, 1]")
         checks.append(
             Check(
                 f"explain {label}",
-                f"Grad-CAM on {manifest.explain.target_layer}, {elapsed * 1000:.0f} ms per image",
+                f"Grad-CAM on {manifest.explain.target_layer}, per image: {', '.join(timings)}",
             )
         )
     return checks
+
+
+def _check_probabilities(step: str, values: np.ndarray, axis: int) -> None:
+    if not np.all(np.isfinite(values)) or not np.allclose(values.sum(axis=axis), 1.0, atol=1e-4):
+        raise ValidationFailed(f"{step}: probabilities are not finite or do not sum to 1")
+
+
+def _check_segment(model: PackagedModel, batch: np.ndarray) -> Check:
+    start = time.perf_counter()
+    masks = model.segment(batch)
+    elapsed = (time.perf_counter() - start) / len(batch)
+    expected = (len(batch), len(model.labels), *model.input_size)
+    if masks.shape != expected:
+        raise ValidationFailed(f"segment: shape {masks.shape}, expected {expected}")
+    _check_probabilities("segment", masks, axis=1)
+    return Check("segment", f"{len(model.labels)} labels per pixel, {elapsed * 1000:.0f} ms per image")

@@ -31,7 +31,7 @@ from handlers.ct_hemorrhage import (
     preprocess,
     source_heatmap,
 )
-from node.runtime import LoadedModel, load_model
+from node.runtime import PackagedModel, load_model
 from node.runtime.package import MANIFEST, MODEL_CARD, sha256_of
 from node.training.ct_phantom import FIELD_OF_VIEW_MM, Phantom, head_ct_series, sample_slice
 
@@ -171,7 +171,7 @@ def evaluate(model: Model, phantoms: Sequence[Phantom], threshold: float) -> dic
     }
 
 
-def evaluate_series(model: LoadedModel, n_each: int, seed: int, size: int) -> dict[str, float]:
+def evaluate_series(model: PackagedModel, n_each: int, seed: int, size: int) -> dict[str, float]:
     """Study-level calls through the handler itself, on whole synthetic series."""
     handler = CTHemorrhageHandler()
     correct = {True: 0, False: 0}
@@ -248,6 +248,7 @@ code = {{ value = {q(code.value)}, scheme = {q(code.scheme)}, meaning = {q(code.
 
 [explain]
 target_layer = {q(TARGET_LAYER)}
+classifier = "fc"
 flips = true
 """
 

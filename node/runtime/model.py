@@ -1,0 +1,281 @@
+"""What every runtime shares: one interface from a batch to probabilities, heatmaps or masks.
+
+A runtime (torch, keras, onnx) only runs its network: the raw outputs, the target layer's feature maps,
+and — where the framework has gradients — Grad-CAM's low-resolution map. Everything else happens here,
+in numpy, identically for every framework: input checks and normalisation, softmax, the CAM fast path,
+placing the map on the input grid and averaging it over shifted and flipped views. So one network
+exported to three formats gives the same probabilities and the same heatmaps.
+
+Grad-CAM weights each feature map A_k by the spatial mean of d y_c / d A_k. When the head is global
+average pooling followed by one linear layer, y_c = sum_k w_ck mean(A_k) + b_c, so that mean is
+w_ck / (h w): Grad-CAM is CAM (Zhou et al. 2016), sum_k w_ck A_k, up to a positive factor that the
+[0, 1] scaling removes. It then needs the forward pass alone, with no gradients — the fast path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+
+from node.runtime.identity import ModelIdentity
+from node.runtime.package import Manifest, ModelPackage
+
+T = TypeVar("T")
+Method = Literal["auto", "gradient", "cam"]
+CLASSIFIER_TOLERANCE = 1e-3  # relative: how closely GAP + the named layer must reproduce the outputs
+
+
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+class PackagedModel(ABC):
+    """A loaded package. Subclasses load the network, then call :meth:`_check` at the end of __init__."""
+
+    outputs_probabilities = False  # the network itself ends in softmax (common in Keras models)
+    has_gradients = True  # ONNX Runtime has none: explanations need the fast path there
+
+    def __init__(self, package: ModelPackage) -> None:
+        self._package = package
+        self._classifier: tuple[np.ndarray, np.ndarray] | None = None
+        self._views: list[tuple[tuple[int, ...], int, int]] | None = None
+
+    # -- what each framework implements, on normalised NCHW float32 ---------------------------------
+    @abstractmethod
+    def _outputs(self, x: np.ndarray) -> np.ndarray:
+        """The network's output: (N, L) for classifiers, (N, L, H, W) for segmentation."""
+
+    @abstractmethod
+    def _features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(feature maps of the target layer, NCHW; the network's outputs) from one forward pass."""
+
+    @abstractmethod
+    def _gradient_cam(self, x: np.ndarray, label_index: int) -> np.ndarray:
+        """(N, h, w) Grad-CAM at the target layer's resolution, ReLU applied, from the logit's gradient."""
+
+    @abstractmethod
+    def _classifier_weights(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(weights (L, K), bias (L,)) of the linear layer ``name``."""
+
+    # -- the package -------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Manifest:
+        return self._package.manifest
+
+    @property
+    def path(self) -> Path:
+        return self._package.path
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._package.identity
+
+    @property
+    def labels(self) -> Sequence[str]:
+        return self.manifest.label_names
+
+    @property
+    def thresholds(self) -> Mapping[str, float]:
+        """Decision thresholds the manifest sets per label (labels without one are absent)."""
+        return {label.name: label.threshold for label in self.manifest.labels if label.threshold is not None}
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.manifest.input.size
+
+    @property
+    def explain_methods(self) -> tuple[str, ...]:
+        """The Grad-CAM methods this model offers: ``gradient`` where the framework has gradients,
+        ``cam`` where the head is global average pooling + the manifest's ``classifier``."""
+        if self.manifest.task != "classification":
+            return ()
+        methods = ("gradient",) if self.has_gradients else ()
+        return methods + (("cam",) if self._classifier is not None else ())
+
+    # -- checks at load ----------------------------------------------------------------------------
+    def _check(self) -> None:
+        """Refuse, at load time, a package whose network does not match its manifest: a wrong label
+        count would mislabel every result, a false claim about the head every heatmap."""
+        height, width = self.input_size
+        probe = np.random.default_rng(0).random((2, self.manifest.input.channels, height, width), np.float32)
+        x = self._prepare(probe)
+        outputs = self._outputs(x)
+        expected: tuple[int, ...] = (2, len(self.labels))
+        if self.manifest.task == "segmentation":
+            expected += (height, width)
+        if outputs.shape != expected:
+            raise ValueError(
+                f"{self.path}: the network's output has shape {outputs.shape} for two images, "
+                f"the manifest ({len(self.labels)} labels, task {self.manifest.task}) expects {expected}"
+            )
+        explain = self.manifest.explain
+        if self.manifest.task != "classification" or explain is None:
+            return
+        features, _ = self._features(x)
+        if features.ndim != 4:
+            raise ValueError(
+                f"{self.path}: explain.target_layer {explain.target_layer!r} gives {features.shape}"
+            )
+        if explain.classifier is not None:
+            weights, bias = self._classifier_weights(explain.classifier)
+            if weights.shape != (len(self.labels), features.shape[1]):
+                raise ValueError(
+                    f"{self.path}: explain.classifier {explain.classifier!r} has weights {weights.shape}, "
+                    f"expected ({len(self.labels)}, {features.shape[1]}) for the target layer's features"
+                )
+            head = features.mean(axis=(2, 3)) @ weights.T + bias
+            if self.outputs_probabilities:
+                head = softmax(head)
+            scale = max(float(np.abs(outputs).max()), 1e-6)
+            error = float(np.abs(head - outputs).max()) / scale
+            if error > CLASSIFIER_TOLERANCE:
+                raise ValueError(
+                    f"{self.path}: explain.classifier {explain.classifier!r}: global average pooling of "
+                    f"{explain.target_layer!r} followed by that layer does not give the network's output "
+                    f"(relative difference {error:.2g}); remove `classifier` to use gradient Grad-CAM"
+                )
+            self._classifier = (weights, bias)
+        elif not self.has_gradients:
+            raise ValueError(
+                f"{self.path}: {self.manifest.framework} has no gradients, so Grad-CAM needs the fast path: "
+                "set explain.classifier to the final linear layer of a global-average-pooling head"
+            )
+
+    # -- inference ---------------------------------------------------------------------------------
+    def _prepare(self, batch: np.ndarray) -> np.ndarray:
+        expected = (self.manifest.input.channels, *self.input_size)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValueError(
+                f"{self.manifest.name} takes (N, {', '.join(map(str, expected))}), got {batch.shape}"
+            )
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        spec = self.manifest.input
+        if spec.mean is not None:
+            x = x - np.asarray(spec.mean, np.float32)[:, None, None]
+        if spec.std is not None:
+            x = x / np.asarray(spec.std, np.float32)[:, None, None]
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        return outputs.astype(np.float32) if self.outputs_probabilities else softmax(outputs)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) in [0, 1] → (N, n_labels) probabilities."""
+        if self.manifest.task != "classification":
+            raise ValueError(f"{self.manifest.name} is a {self.manifest.task} model: use segment()")
+        return self._probabilities(self._outputs(self._prepare(batch)))
+
+    def segment(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) in [0, 1] → (N, n_labels, H, W) per-pixel probabilities."""
+        if self.manifest.task != "segmentation":
+            raise ValueError(f"{self.manifest.name} is a {self.manifest.task} model: use predict()")
+        return self._probabilities(self._outputs(self._prepare(batch)))
+
+    def explain(self, batch: np.ndarray, label_index: int, method: Method = "auto") -> np.ndarray:
+        """(N, C, H, W) → (N, H, W) Grad-CAM maps in [0, 1] for one label, at the input size.
+
+        ``auto`` takes the fast path where the head allows it. Plain Grad-CAM on a layer of stride s
+        has one value per s×s block: its peak can only fall on a block centre, and where within its
+        block a feature's evidence lies depends on the learned filters. So the map is averaged over
+        copies of the input shifted by half a block and, for models trained with mirrored and flipped
+        images ([explain] flips), mirrored and flipped too, each map moved back before averaging
+        (augmented Grad-CAM, Morbidelli et al. 2020).
+        """
+        if not 0 <= label_index < len(self.labels):
+            raise ValueError(f"label index {label_index} out of range for labels {list(self.labels)}")
+        methods = self.explain_methods
+        if not methods:
+            raise ValueError(f"{self.manifest.name}: nothing to explain for a {self.manifest.task} model")
+        chosen = methods[-1] if method == "auto" else method
+        if chosen not in methods:
+            raise ValueError(
+                f"{self.manifest.name}: Grad-CAM method {method!r} not available, only {methods}"
+            )
+        x = self._prepare(batch)
+        views = self._explain_views(x)
+        copies = np.concatenate([shift(flip(x, dims), dy, dx) for dims, dy, dx in views])
+        if chosen == "cam":
+            assert self._classifier is not None
+            features, _ = self._features(copies)
+            cells = np.maximum(np.einsum("nkhw,k->nhw", features, self._classifier[0][label_index]), 0.0)
+        else:
+            cells = self._gradient_cam(copies, label_index)
+        maps = upsample_aligned(cells.astype(np.float32), self.input_size)
+        n = len(x)
+        total = sum(
+            flip(shift(maps[i * n : (i + 1) * n], -dy, -dx), dims) for i, (dims, dy, dx) in enumerate(views)
+        )
+        return normalise(np.asarray(total, dtype=np.float32))
+
+    def _explain_views(self, x: np.ndarray) -> list[tuple[tuple[int, ...], int, int]]:
+        if self._views is None:
+            features, _ = self._features(x[:1])
+            half = self.input_size[0] // features.shape[2] // 2
+            explain = self.manifest.explain
+            flips: list[tuple[int, ...]] = [(), (-1,), (-2,), (-2, -1)] if explain and explain.flips else [()]
+            shifts = [(0, 0), (0, half), (half, 0), (half, half)] if half else [(0, 0)]
+            self._views = [(dims, dy, dx) for dims in flips for dy, dx in shifts]
+        return self._views
+
+
+def named(values: Mapping[str, T], name: str) -> T | None:
+    """``values[name]``, or the one value whose key ends in ``.name`` (an exported wrapper prefixes its
+    network's parameter names, e.g. ``network.fc.weight``)."""
+    if name in values:
+        return values[name]
+    matches = [value for key, value in values.items() if key.endswith(f".{name}")]
+    return matches[0] if len(matches) == 1 else None
+
+
+def normalise(maps: np.ndarray) -> np.ndarray:
+    """Scale each (H, W) map to [0, 1] with its peak at 1 (a flat map becomes 0)."""
+    flat = maps.reshape(len(maps), -1)
+    low = flat.min(axis=1)[:, None, None]
+    span = np.maximum(flat.max(axis=1)[:, None, None] - low, 1e-12)
+    return ((maps - low) / span).astype(np.float32)
+
+
+def upsample_aligned(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, h, w) → (N, H, W) by linear interpolation with cell i on input pixel stride * i, the centre
+    of its receptive field in a network of strided convolutions padded to "same" (a ResNet's). The
+    usual half-pixel convention would put layer4 of a ResNet 15.5 pixels down and to the right."""
+    return np.einsum(
+        "yh,nhw,xw->nyx",
+        _interpolation(size[0], cells.shape[1]),
+        cells,
+        _interpolation(size[1], cells.shape[2]),
+    )
+
+
+def _interpolation(out: int, cells: int) -> np.ndarray:
+    """(out, cells) linear interpolation weights, out pixel y at cell position y * cells / out, with the
+    last cell repeated beyond the grid."""
+    position = np.minimum(np.arange(out) * (cells / out), cells - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, cells - 1)
+    frac = position - low
+    weights = np.zeros((out, cells), np.float32)
+    weights[np.arange(out), low] += 1.0 - frac
+    weights[np.arange(out), high] += frac
+    return weights
+
+
+def flip(images: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
+    return np.flip(images, axis=dims) if dims else images
+
+
+def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Move image content down by dy and right by dx pixels (negative: up, left), repeating the edge."""
+    if dy == 0 and dx == 0:
+        return images
+    height, width = images.shape[-2:]
+    pad = [(0, 0)] * (images.ndim - 2) + [(max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))]
+    padded = np.pad(images, pad, mode="edge")
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top : top + height, left : left + width]

@@ -1,0 +1,198 @@
+"""What every demo-model training script shares: seeded rendering on both cores, the training loop,
+the metrics a model card reports, CPU timings, and writing the package files.
+
+Each task's script (``node.training.train_<task>``) keeps only what is its own: the phantom, the
+network's arguments, the augmentation and the card's wording. Scripts run under ``ainode models
+train-demo TASK`` or ``python -m``; they must be reproducible (fixed seeds) and take at most ten
+minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cv2
+import numpy as np
+import torch
+
+from node.runtime.package import MANIFEST, MODEL_CARD, sha256_of
+
+T = TypeVar("T")
+Log = Callable[[str], None]
+
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE."
+DISCLAIMER = (
+    f"Demonstration model trained on synthetic phantoms; not clinically validated. {NOT_FOR_DIAGNOSTIC_USE}"
+)
+
+
+def render(example: Callable[[int], T], n: int, chunksize: int = 50) -> list[T]:
+    """``[example(0), …, example(n - 1)]`` on two processes. ``example`` must seed its own generator
+    from its index (``np.random.default_rng([SEED, index])``), so the set is the same however the work
+    is spread; it runs before torch starts its threads (fork)."""
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        return pool.map(example, range(n), chunksize=chunksize)
+
+
+def fit(
+    network: torch.nn.Module,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    *,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    log: Log,
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
+) -> torch.nn.Module:
+    """AdamW with a one-cycle schedule, seeded shuffling and augmentation; returns the network in eval
+    mode. ``augment(x, y, generator)`` gets a batch and returns it transformed (``y`` too, for masks)."""
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = len(inputs) // batch
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+    x_all, y_all = torch.from_numpy(inputs), torch.from_numpy(targets)
+    generator = torch.Generator().manual_seed(seed)
+    network.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator)
+        total, started = 0.0, time.perf_counter()
+        for step in range(steps_per_epoch):
+            idx = order[step * batch : (step + 1) * batch]
+            x, y = x_all[idx], y_all[idx]
+            if augment is not None:
+                x, y = augment(x, y, generator)
+            value = loss(network(x), y)
+            optimiser.zero_grad()
+            value.backward()
+            optimiser.step()
+            schedule.step()
+            total += value.item()
+        seconds = time.perf_counter() - started
+        log(f"epoch {epoch + 1}/{epochs}: loss {total / steps_per_epoch:.4f} ({seconds:.0f} s)")
+    return network.eval()
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve as the Mann-Whitney statistic (ties count half)."""
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    greater = (positives[:, None] > negatives[None, :]).sum()
+    ties = (positives[:, None] == negatives[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
+
+
+def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """AUC, and sensitivity, specificity and accuracy at ``threshold``, for one positive class."""
+    labels = np.asarray(labels).astype(int)
+    called = np.asarray(scores) >= threshold
+    return {
+        "auc": auc(np.asarray(scores), labels),
+        "sensitivity": float(called[labels == 1].mean()),
+        "specificity": float(1.0 - called[labels == 0].mean()),
+        "accuracy": float((called == labels.astype(bool)).mean()),
+    }
+
+
+def per_class_metrics(probabilities: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Multi-class figures: accuracy of the arg-max call, macro AUC, and per class one-vs-rest AUC with
+    the sensitivity and specificity of calling that class when it is the arg-max."""
+    called = probabilities.argmax(axis=1)
+    classes: dict[str, dict[str, float]] = {}
+    for index, name in enumerate(names):
+        truth = labels == index
+        classes[name] = {
+            "n": int(truth.sum()),
+            "auc": auc(probabilities[:, index], truth.astype(int)),
+            "sensitivity": float((called[truth] == index).mean()),
+            "specificity": float((called[~truth] != index).mean()),
+        }
+    return {
+        "n": len(labels),
+        "accuracy": float((called == labels).mean()),
+        "macro_auc": float(np.mean([c["auc"] for c in classes.values()])),
+        "classes": classes,
+    }
+
+
+def pointing_hit(heatmap: np.ndarray, mask: np.ndarray, tolerance_px: int = 0) -> bool:
+    """Whether the heatmap's peak lies inside ``mask`` (same shape) dilated by ``tolerance_px``: one
+    round of the pointing game (Zhang et al. 2018) that measures Grad-CAM against a known lesion."""
+    if heatmap.shape != mask.shape:
+        raise ValueError(f"heatmap {heatmap.shape} and mask {mask.shape} differ in shape")
+    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    region = mask.astype(np.uint8)
+    if tolerance_px > 0:
+        size = 2 * tolerance_px + 1
+        region = np.asarray(cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))))
+    return bool(region[peak])
+
+
+def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks (1.0 when both are empty)."""
+    predicted, truth = predicted.astype(bool), truth.astype(bool)
+    total = predicted.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2.0 * (predicted & truth).sum() / total)
+
+
+def median_ms(call: Callable[[], object], repeats: int = 7) -> float:
+    """Median wall time of ``call`` in milliseconds, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return 1000.0 * float(np.median(times))
+
+
+def timings(model: Any, label_index: int) -> dict[str, float]:
+    """Milliseconds per image, batch 1: predict, and Grad-CAM by every method the runtime offers for
+    this model (``gradient`` always, ``cam`` where the head is global average pooling + linear)."""
+    x = np.random.default_rng(0).random(
+        (1, model.manifest.input.channels, *model.input_size), dtype=np.float32
+    )
+    out = {"predict_ms": median_ms(lambda: model.predict(x))}
+    for method in model.explain_methods:
+        out[f"explain_{method}_ms"] = median_ms(partial(model.explain, x, label_index, method=method))
+    return out
+
+
+def write_package(
+    out: Path, network: torch.nn.Module, manifest_text: Callable[[str], str], weights: str = "weights.pt"
+) -> Path:
+    """Save the state_dict and the manifest (``manifest_text(sha256)``); returns the package folder.
+    Measure through ``node.runtime.load_model(out)`` afterwards, so the card reports what the node runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / weights
+    torch.save(network.state_dict(), path)
+    (out / MANIFEST).write_text(manifest_text(sha256_of(path)), encoding="utf-8")
+    return out
+
+
+def write_card(out: Path, text: str) -> None:
+    if NOT_FOR_DIAGNOSTIC_USE not in text or "synthetic" not in text:
+        raise ValueError(
+            "a demo model card must say it was trained on synthetic data and is not for diagnosis"
+        )
+    (out / MODEL_CARD).write_text(text, encoding="utf-8")
+
+
+def stopwatch() -> Log:
+    """A logger that prefixes each line with seconds since it was made."""
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
+
+    return log

@@ -1,0 +1,163 @@
+"""Synthetic single-image DICOM instances for the demo tasks: radiographs and colour photographs.
+
+A phantom module renders pixels with known ground truth; these builders wrap them in a complete
+instance of the matching IOD (checked with dciodvfy) as a modality would send it, so demo studies
+and tests travel the real DICOM path. UIDs derive from ``key``: the same key gives the same instance.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    VLPhotographicImageStorage,
+    generate_uid,
+)
+
+WHEN = datetime(2024, 1, 1, 9, 0, 0)
+
+
+def _uid(key: str, part: str) -> str:
+    return str(generate_uid(entropy_srcs=["ainode-demo", key, part]))
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def base_dataset(
+    key: str, sop_class_uid: UID, modality: str, *, study: str, series: str, body_part: str
+) -> Dataset:
+    """Patient, study, series, equipment and SOP attributes of a synthetic patient named by ``key``."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = _uid(key, "sop")
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientName = "PHANTOM^DEMO"
+    ds.PatientID = "PH" + _uid(key, "patient")[-10:]
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = _uid(key, "study")
+    ds.SeriesInstanceUID = _uid(key, "series")
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = WHEN.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = WHEN.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = "PH" + _uid(key, "accession")[-12:]
+    ds.StudyDescription = study
+    ds.SeriesDescription = f"{series} (synthetic phantom)"
+    ds.Modality = modality
+    ds.BodyPartExamined = body_part
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "AI node project"
+    ds.ManufacturerModelName = "Synthetic phantom"
+    ds.InstitutionName = "Synthetic"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    return ds
+
+
+def radiograph(
+    pixels: np.ndarray,
+    key: str,
+    *,
+    study: str,
+    series: str,
+    body_part: str,
+    view_position: str = "PA",
+    pixel_spacing_mm: float = 0.2,
+    monochrome1: bool = False,
+) -> Dataset:
+    """A DX For Presentation instance from (H, W) attenuation-like values in [0, 1] (1 = bone-white as
+    displayed), stored in 12 bits, MONOCHROME2 or (inverted) MONOCHROME1 as some detectors send."""
+    if pixels.ndim != 2:
+        raise ValueError(f"a radiograph is (H, W), got {pixels.shape}")
+    ds = base_dataset(
+        key, DigitalXRayImageStorageForPresentation, "DX", study=study, series=series, body_part=body_part
+    )
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ViewPosition = view_position
+    ds.PatientOrientation = ["L", "F"] if view_position == "PA" else ["R", "F"]
+    ds.ImagerPixelSpacing = ds.PixelSpacing = [f"{pixel_spacing_mm:.4f}", f"{pixel_spacing_mm:.4f}"]
+    ds.BurnedInAnnotation = "NO"
+    ds.DetectorType = "SCINTILLATOR"
+    ds.AcquisitionDate = ds.ContentDate
+    ds.AcquisitionTime = ds.ContentTime
+    ds.KVP = "100"
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = -1 if monochrome1 else 1
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.ImageLaterality = "U"  # a chest is unpaired
+    ds.PositionerType = ""
+    ds.AcquisitionContextSequence = []
+    ds.AnatomicRegionSequence = (
+        [_code("51185008", "SCT", "Thoracic structure")] if body_part == "CHEST" else []
+    )
+    if view_position == "PA":
+        ds.ViewCodeSequence = [_code("399348003", "SCT", "postero-anterior")]
+    values = np.clip(pixels, 0.0, 1.0)
+    stored = np.rint((1.0 - values if monochrome1 else values) * 4095).astype("<u2")
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = "2048"
+    ds.WindowWidth = "4096"
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def photograph(
+    rgb: np.ndarray,
+    key: str,
+    *,
+    study: str,
+    series: str,
+    body_part: str,
+    laterality: str | None = None,
+    sop_class_uid: UID = VLPhotographicImageStorage,
+    modality: str = "XC",
+) -> Dataset:
+    """A VL Photographic Image (or another VL class given by ``sop_class_uid``) from (H, W, 3) uint8 RGB."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"a photograph is (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    ds = base_dataset(key, sop_class_uid, modality, study=study, series=series, body_part=body_part)
+    if laterality is not None:
+        if laterality not in ("L", "R"):
+            raise ValueError(f"laterality is 'L' or 'R', got {laterality!r}")
+        ds.ImageLaterality = laterality
+    ds.AcquisitionContextSequence = []
+    ds.LossyImageCompression = "00"
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "NO"
+    ds.AcquisitionDateTime = WHEN.strftime("%Y%m%d%H%M%S")
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(rgb).tobytes()
+    return ds
