@@ -90,12 +90,12 @@ class PackagedModel(ABC):
         return self.manifest.input.size
 
     @property
-    def explain_methods(self) -> tuple[str, ...]:
+    def explain_methods(self) -> tuple[Method, ...]:
         """The Grad-CAM methods this model offers: ``gradient`` where the framework has gradients,
         ``cam`` where the head is global average pooling + the manifest's ``classifier``."""
         if self.manifest.task != "classification":
             return ()
-        methods = ("gradient",) if self.has_gradients else ()
+        methods: tuple[Method, ...] = ("gradient",) if self.has_gradients else ()
         return methods + (("cam",) if self._classifier is not None else ())
 
     # -- checks at load ----------------------------------------------------------------------------

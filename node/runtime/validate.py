@@ -75,7 +75,7 @@ def validate_package(path: str | os.PathLike[str], seed: int = 0) -> list[Check]
         timings = []
         for method in model.explain_methods:
             start = time.perf_counter()
-            maps = model.explain(batch, index, method=method)  # type: ignore[arg-type]
+            maps = model.explain(batch, index, method=method)
             timings.append(f"{method} {(time.perf_counter() - start) / len(batch) * 1000:.0f} ms")
             if maps.shape != (len(batch), height, width):
                 raise ValidationFailed(

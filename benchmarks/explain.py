@@ -1,0 +1,58 @@
+"""Grad-CAM cost per model: milliseconds per image, batch 1, two threads, by gradients and by the CAM fast
+path, with predict as the reference measured in the same run; medians of several runs. Each package
+is also exported to ONNX and timed under ONNX Runtime (fast path only: it has no gradients).
+
+    .venv/bin/python -m benchmarks.explain [--runs 7] [--models models]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from node.runtime import load_model
+from node.runtime.export import export_package
+from node.runtime.package import discover
+from node.training.common import median_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print("| model | runtime | predict ms | Grad-CAM by gradients ms | CAM fast path ms | gradients / fast |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for package in discover(args.models):
+            if package.manifest.task != "classification":
+                continue
+            variants = [("torch", package.path)]
+            if package.manifest.architecture is not None:
+                variants.append(
+                    ("onnx", export_package(package.path, "onnx", Path(tmp) / package.manifest.name).path)
+                )
+            for runtime, path in variants:
+                print(row(package.manifest.name, runtime, path, args.runs), flush=True)
+
+
+def row(name: str, runtime: str, path: Path, runs: int) -> str:
+    """One table row: the model's medians, "–" where the runtime lacks the method."""
+    model = load_model(path)
+    x = torch.rand(1, model.manifest.input.channels, *model.input_size).numpy()
+    label = len(model.labels) - 1
+    times = {"predict": median_ms(partial(model.predict, x), runs)}
+    for method in model.explain_methods:
+        times[method] = median_ms(partial(model.explain, x, label, method=method), runs)
+    cells = [f"{times[key]:.1f}" if key in times else "–" for key in ("predict", "gradient", "cam")]
+    ratio = f"{times['gradient'] / times['cam']:.2f}" if {"gradient", "cam"} <= times.keys() else "–"
+    return f"| {name} | {runtime} | {' | '.join(cells)} | {ratio} |"
+
+
+if __name__ == "__main__":
+    main()
