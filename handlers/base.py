@@ -11,9 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 from pydicom import Dataset
 
 
@@ -59,6 +60,11 @@ class Analysis:
     not_analysed_reason: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)  # per-image figures for the API/audit
 
+    @classmethod
+    def not_analysed(cls, task: str, sources: Sequence[Dataset], reason: str) -> Analysis:
+        """The answer for images that cannot be analysed: the reason, and no probability at all."""
+        return cls(task=task, sources=list(sources), not_analysed_reason=reason)
+
     @property
     def analysed(self) -> bool:
         return self.not_analysed_reason is None
@@ -68,6 +74,22 @@ class Analysis:
             raise ValueError("an image that was not analysed cannot carry findings")
         if self.not_analysed_reason is None and not self.findings:
             raise ValueError("an analysed series must carry at least one finding")
+
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+def validate_options(schema: type[OptionsT], options: Mapping[str, Any], handler: str) -> OptionsT:
+    """A handler's options (the manifest's ``[options]`` overlaid with a route's) checked against its
+    schema; the ValueError names each bad option, so a route's author can fix it."""
+    try:
+        return schema.model_validate(dict(options))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"option {'.'.join(str(part) for part in error['loc'])!r}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ValueError(f"{handler}: {problems}") from exc
 
 
 class Model(Protocol):

@@ -14,10 +14,10 @@ from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydicom import Dataset
 
-from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model
+from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, validate_options
 
 TASK = "Head CT hemorrhage detection"
 HEMORRHAGE = Code("1386000", "SCT", "Intracranial hemorrhage")
@@ -53,15 +53,7 @@ class Options(BaseModel):
 
 
 def parse_options(options: Mapping[str, Any]) -> Options:
-    """Validate options; a ValueError names the bad option so a route's author can fix it."""
-    try:
-        return Options.model_validate(dict(options))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"option {'.'.join(str(part) for part in error['loc'])!r}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise ValueError(f"ct_hemorrhage: {problems}") from exc
+    return validate_options(Options, options, "ct_hemorrhage")
 
 
 def window(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -190,10 +182,6 @@ def region(ds: Dataset, hu: np.ndarray, heatmap: np.ndarray) -> str:
     return " ".join(words) or "central"
 
 
-def _not_analysed(sources: Sequence[Dataset], reason: str) -> Analysis:
-    return Analysis(task=TASK, sources=list(sources), not_analysed_reason=reason)
-
-
 class CTHemorrhageHandler(Handler):
     name: ClassVar[str] = "ct_hemorrhage"
 
@@ -214,11 +202,14 @@ class CTHemorrhageHandler(Handler):
 
         modalities = sorted({str(ds.get("Modality", "")) or "none" for ds in datasets})
         if modalities != ["CT"]:
-            return _not_analysed(datasets, f"not a CT series (Modality {', '.join(modalities)})")
+            return Analysis.not_analysed(
+                TASK, datasets, f"not a CT series (Modality {', '.join(modalities)})"
+            )
         usable = [ds for ds in datasets if not is_localizer(ds) and "PixelData" in ds]
         dropped = len(datasets) - len(usable)
         if len(usable) < opts.min_slices:
-            return _not_analysed(
+            return Analysis.not_analysed(
+                TASK,
                 datasets,
                 f"too few axial images: {len(usable)} usable ({dropped} localizer or empty images dropped), "
                 f"at least {opts.min_slices} needed",
@@ -227,14 +218,15 @@ class CTHemorrhageHandler(Handler):
         try:
             volume = [hounsfield(ds) for ds in slices]
         except Exception as exc:  # an undecodable transfer syntax or corrupt pixel data: say so, do not guess
-            return _not_analysed(datasets, f"pixel data could not be read: {exc}")
+            return Analysis.not_analysed(TASK, datasets, f"pixel data could not be read: {exc}")
         if any(hu.ndim != 2 for hu in volume):
-            return _not_analysed(
-                datasets, "multi-frame or colour images are not supported; expected axial slices"
+            return Analysis.not_analysed(
+                TASK, datasets, "multi-frame or colour images are not supported; expected axial slices"
             )
         head_like = sum(looks_like_head(hu) for hu in volume)
         if head_like < max(1, math.ceil(HEAD_LIKE_FRACTION * len(volume))):
-            return _not_analysed(
+            return Analysis.not_analysed(
+                TASK,
                 datasets,
                 f"does not look like a head CT: {head_like} of {len(volume)} images show brain-density "
                 "tissue inside a skull",
