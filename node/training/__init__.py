@@ -12,11 +12,6 @@ from collections.abc import Sequence
 # demo package name → the module that trains it
 DEMO_MODELS = {
     "ct-hemorrhage": "node.training.train_ct_hemorrhage",
-    "chest-xray": "node.training.train_chest_xray",
-    "fundus": "node.training.train_fundus",
-    "skin-lesion": "node.training.train_skin_lesion",
-    "skin-lesion-segmentation": "node.training.train_skin_segmentation",
-    "conjunctiva-anemia": "node.training.train_conjunctiva_anemia",
 }
 
 
