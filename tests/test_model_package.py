@@ -179,7 +179,9 @@ def test_an_architecture_belongs_to_torch_state_dicts_only(tmp_path: Path) -> No
 def test_a_file_that_is_not_what_the_manifest_says_is_refused_clearly(tmp_path: Path) -> None:
     folder = make_package(tmp_path)
     text = (folder / "manifest.toml").read_text()
-    (folder / "manifest.toml").write_text(text[: text.index("[architecture]")] + text[text.index("[input]") :])
+    (folder / "manifest.toml").write_text(
+        text[: text.index("[architecture]")] + text[text.index("[input]") :]
+    )
     with pytest.raises(ValueError, match="not a TorchScript file; a state_dict needs \\[architecture\\]"):
         load_model(folder)
 
