@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
-from monai.networks.nets import BasicUNet
+from monai.networks.nets import BasicUNet, EfficientNetBN
 
 from node.runtime import PackagedModel, load_model
 from node.runtime.export import export_package, write_whole_model
+from node.runtime.model import upsample_aligned
 from node.runtime.package import MANIFEST, sha256_of
 from node.runtime.validate import validate_package
 
@@ -118,6 +119,19 @@ def correlations(a: np.ndarray, b: np.ndarray) -> list[float]:
     return [float(np.corrcoef(x.ravel(), y.ravel())[0, 1]) for x, y in zip(a, b, strict=True)]
 
 
+def assert_fast_path_equals_gradients(model: PackagedModel, x: np.ndarray) -> None:
+    """Both methods give the same maps for every label whose map is not empty. With random weights a
+    class's map may be all negative, so zero after ReLU; at least one must be informative."""
+    assert model.explain_methods == ("gradient", "cam")
+    pairs = [
+        (model.explain(x, label, method="gradient"), model.explain(x, label, method="cam"))
+        for label in range(len(model.labels))
+    ]
+    informative = [(g, c) for g, c in pairs if min(np.ptp(m) for m in g) > 0]
+    assert informative
+    assert all(min(correlations(g, c)) > 0.99 for g, c in informative)
+
+
 def test_one_network_in_every_format_gives_the_same_probabilities_and_heatmaps(
     tiny: TinyNet, formats: dict[str, PackagedModel]
 ) -> None:
@@ -163,18 +177,33 @@ def test_a_keras_applications_resnet50_h5_is_explained_both_ways(tmp_path: Path)
         labels=[{"name": "normal"}, {"name": "hemorrhage"}],
         explain={"target_layer": "conv5_block3_out", "classifier": "predictions"},
     )
-    model = load_model(package)
-    x = images(2, size=64)
-    assert model.explain_methods == ("gradient", "cam")
-    # With random weights one class's map may be all negative, so zero after ReLU: compare the others.
-    pairs = [
-        (model.explain(x, label, method="gradient"), model.explain(x, label, method="cam"))
-        for label in (0, 1)
-    ]
-    informative = [(g, c) for g, c in pairs if np.ptp(g) > 0]
-    assert informative
-    assert all(min(correlations(g, c)) > 0.99 for g, c in informative)
+    assert_fast_path_equals_gradients(load_model(package), images(2, size=64))
     assert [check.name for check in validate_package(package)][-1] == "explain hemorrhage"
+
+
+def test_a_layer_the_network_calls_twice_is_read_where_it_feeds_the_head(tmp_path: Path) -> None:
+    """MONAI's EfficientNet applies one ``_swish`` module after its stem and after its head; Grad-CAM
+    must pair the head's activation with its own gradient (the fast path checks the result)."""
+    args = {"model_name": "efficientnet-b0", "pretrained": False, "spatial_dims": 2, "num_classes": 3}
+    torch.manual_seed(0)
+    torch.save(EfficientNetBN(**args).state_dict(), tmp_path / "weights.pt")
+    package = write_manifest(
+        tmp_path,
+        "weights.pt",
+        "torch",
+        architecture={"network": "EfficientNetBN", "args": args},
+        input={"size": [96, 96], "channels": 3},
+        explain={"target_layer": "_swish", "classifier": "_fc"},
+    )
+    assert_fast_path_equals_gradients(load_model(package), images(2, size=96))
+
+
+def test_cells_are_placed_at_the_manifests_offset() -> None:
+    cells = np.zeros((1, 4, 4), np.float32)
+    cells[0, 1, 2] = 1.0
+    for offset in (0.0, 14.0):
+        peak = np.unravel_index(np.argmax(upsample_aligned(cells, (128, 128), offset)[0]), (128, 128))
+        assert peak == (offset + 32, offset + 64)
 
 
 @pytest.mark.parametrize("to", ["onnx", "torchscript"])

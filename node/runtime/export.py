@@ -75,8 +75,7 @@ def export_package(
         raise ValueError(f"{source.path}: only torch state_dict packages can be exported")
     verify_weights(source.path, manifest)
     network = build_network(source)
-    explained = manifest.explain is not None and manifest.task == "classification"
-    target = manifest.explain.target_layer if explained and manifest.explain else None
+    target = manifest.explain.target_layer if manifest.explain and manifest.task == "classification" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = "model.onnx" if to == "onnx" else "model.ts"

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from node.runtime.model import PackagedModel
+from node.runtime.model import PackagedModel, softmax
 from node.runtime.package import ModelPackage
 
 
@@ -72,8 +72,10 @@ class KerasModel(PackagedModel):
         return outputs.transpose(0, 3, 1, 2) if outputs.ndim == 4 else outputs  # segmentation maps to NCHW
 
     def _features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        _, features = self._probe(self._channels_last(x), training=False)
-        return np.asarray(features).transpose(0, 3, 1, 2), self._outputs(x)
+        source, features = self._probe(self._channels_last(x), training=False)
+        logits = np.asarray(self._logits(source))
+        outputs = softmax(logits) if self.outputs_probabilities else logits
+        return np.asarray(features).transpose(0, 3, 1, 2), outputs
 
     def _gradient_cam(self, x: np.ndarray, label_index: int) -> np.ndarray:
         with tf.GradientTape() as tape:

@@ -206,7 +206,8 @@ class PackagedModel(ABC):
             cells = np.maximum(np.einsum("nkhw,k->nhw", features, self._classifier[0][label_index]), 0.0)
         else:
             cells = self._gradient_cam(copies, label_index)
-        maps = upsample_aligned(cells.astype(np.float32), self.input_size)
+        offset = self.manifest.explain.cell_offset if self.manifest.explain else 0.0
+        maps = upsample_aligned(cells.astype(np.float32), self.input_size, offset)
         n = len(x)
         total = sum(
             flip(shift(maps[i * n : (i + 1) * n], -dy, -dx), dims) for i, (dims, dy, dx) in enumerate(views)
@@ -241,22 +242,23 @@ def normalise(maps: np.ndarray) -> np.ndarray:
     return ((maps - low) / span).astype(np.float32)
 
 
-def upsample_aligned(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, h, w) → (N, H, W) by linear interpolation with cell i on input pixel stride * i, the centre
-    of its receptive field in a network of strided convolutions padded to "same" (a ResNet's). The
-    usual half-pixel convention would put layer4 of a ResNet 15.5 pixels down and to the right."""
+def upsample_aligned(cells: np.ndarray, size: tuple[int, int], offset: float = 0.0) -> np.ndarray:
+    """(N, h, w) → (N, H, W) by linear interpolation with cell i on input pixel offset + stride * i,
+    the centre of its receptive field ([explain] cell_offset: 0 in a network of strided convolutions
+    padded to "same", a ResNet's). The usual half-pixel convention would put layer4 of a ResNet 15.5
+    pixels down and to the right."""
     return np.einsum(
         "yh,nhw,xw->nyx",
-        _interpolation(size[0], cells.shape[1]),
+        _interpolation(size[0], cells.shape[1], offset),
         cells,
-        _interpolation(size[1], cells.shape[2]),
+        _interpolation(size[1], cells.shape[2], offset),
     )
 
 
-def _interpolation(out: int, cells: int) -> np.ndarray:
-    """(out, cells) linear interpolation weights, out pixel y at cell position y * cells / out, with the
-    last cell repeated beyond the grid."""
-    position = np.minimum(np.arange(out) * (cells / out), cells - 1)
+def _interpolation(out: int, cells: int, offset: float) -> np.ndarray:
+    """(out, cells) linear interpolation weights, out pixel y at cell position (y - offset) * cells / out,
+    with the edge cells repeated beyond the grid."""
+    position = np.clip((np.arange(out) - offset) * (cells / out), 0, cells - 1)
     low = np.floor(position).astype(int)
     high = np.minimum(low + 1, cells - 1)
     frac = position - low

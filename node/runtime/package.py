@@ -104,6 +104,10 @@ class ExplainSpec(_Strict):
 
     target_layer: str = Field(min_length=1)
     classifier: str | None = Field(default=None, min_length=1)
+    # Input pixel (row and column) at the centre of feature cell 0; cell i is at offset + stride * i.
+    # 0 for strided convolutions padded to "same" (ResNet, EfficientNet); every 2x2 average-pool
+    # transition adds half the stride before it (MONAI's DenseNet: 14 at class_layers, stride 32).
+    cell_offset: float = Field(default=0.0, ge=0.0)
     flips: bool = False  # trained with mirrored and flipped images: explanations may average over them
 
 

@@ -1,7 +1,7 @@
 """PyTorch runtime: a MONAI network built from the manifest and its state_dict, or a TorchScript file.
 
-A state_dict package names its MONAI network in ``[architecture]``; Grad-CAM hooks the target layer
-(``monai.visualize.GradCAM``). A TorchScript file carries its own architecture but cannot be hooked, so
+A state_dict package names its MONAI network in ``[architecture]``; a forward hook reads the target
+layer. A TorchScript file carries its own architecture but cannot be hooked, so
 it must return ``(outputs, features)``: the target layer's feature maps as a second output, as
 ``node.runtime.export`` writes it. Only this module imports torch, so listing and checking packages
 stays light. Thread counts are the caller's business (``torch.set_num_threads``).
@@ -15,7 +15,6 @@ from typing import Any
 import monai.networks.nets
 import numpy as np
 import torch
-from monai.visualize import GradCAM
 
 from node.runtime.model import PackagedModel, named
 from node.runtime.package import ModelPackage
@@ -57,52 +56,55 @@ class TorchModel(PackagedModel):
         super().__init__(package)
         self._scripted = package.manifest.architecture is None
         self._network: Any = _load_torchscript(package) if self._scripted else build_network(package)
+        self._captured: list[torch.Tensor] = []
         explain = package.manifest.explain
-        self._cam: GradCAM | None = None
         if explain is not None and not self._scripted:
-            if explain.target_layer not in dict(self._network.named_modules()):
+            layer = dict(self._network.named_modules()).get(explain.target_layer)
+            if layer is None:
                 raise ValueError(
                     f"{package.path}: explain.target_layer {explain.target_layer!r} is not a layer"
                 )
-            self._cam = GradCAM(self._network, explain.target_layer)
+            layer.register_forward_hook(lambda _module, _inputs, output: self._captured.append(output))
         self._check()
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(outputs, features or None): a TorchScript file gives both, a hooked network its output."""
+        """(outputs, the target layer's features or None). A TorchScript file returns both; a hooked
+        network's features are the layer's last output in the pass — a module the network calls more
+        than once (MONAI's EfficientNet applies one ``_swish`` after its stem and its head) is read
+        where it feeds the head."""
+        self._captured.clear()
         result = self._network(x)
         if isinstance(result, tuple | list):
             if not self._scripted or len(result) != 2:
                 raise ValueError(f"{self.path}: the network returns {len(result)} outputs")
             return result[0], result[1]
-        return result, None
+        features = self._captured[-1] if self._captured else None
+        self._captured.clear()
+        return result, features
 
     def _outputs(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             outputs, _ = self._forward(torch.from_numpy(x))
         return outputs.numpy()
 
-    def _features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        features: torch.Tensor | None
-        with torch.no_grad():
-            if self._cam is not None:
-                outputs = self._network(torch.from_numpy(x))  # GradCAM's hook records the target layer
-                features = self._cam.nn_module.activations[self._cam.nn_module.target_layers[0]]
-            else:
-                outputs, features = self._forward(torch.from_numpy(x))
+    def _explained_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs, features = self._forward(x)
         if features is None:
             raise ValueError(
                 f"{self.path}: a TorchScript file must return (outputs, the target layer's features)"
             )
-        return features.detach().numpy(), outputs.numpy()
+        return outputs, features
+
+    def _features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            outputs, features = self._explained_forward(torch.from_numpy(x))
+        return features.numpy(), outputs.numpy()
 
     def _gradient_cam(self, x: np.ndarray, label_index: int) -> np.ndarray:
-        tensor = torch.from_numpy(x)
+        """Grad-CAM (Selvaraju et al. 2017): feature maps weighted by the spatial mean of the class
+        logit's gradient, summed, ReLU."""
         with torch.enable_grad():  # also when the caller runs under torch.no_grad()
-            if self._cam is not None:
-                return self._cam.compute_map(tensor, class_idx=label_index)[:, 0].detach().numpy()
-            tensor.requires_grad_(True)  # so the graph reaches the features of a frozen network
-            outputs, features = self._forward(tensor)
-            assert features is not None
+            outputs, features = self._explained_forward(torch.from_numpy(x).requires_grad_(True))
             (gradient,) = torch.autograd.grad(outputs[:, label_index].sum(), features)
         weights = gradient.mean(dim=(2, 3), keepdim=True)
         return torch.relu((weights * features).sum(dim=1)).detach().numpy()

@@ -91,7 +91,7 @@ def radiograph(
     ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.ViewPosition = view_position
-    ds.PatientOrientation = ["L", "F"] if view_position == "PA" else ["R", "F"]
+    ds.PatientOrientation = ["L", "F"]  # frontal films hang with the patient's right on the viewer's left
     ds.ImagerPixelSpacing = ds.PixelSpacing = [f"{pixel_spacing_mm:.4f}", f"{pixel_spacing_mm:.4f}"]
     ds.BurnedInAnnotation = "NO"
     ds.DetectorType = "SCINTILLATOR"

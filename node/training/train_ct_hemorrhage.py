@@ -240,7 +240,7 @@ not for use on patients, for triage, or for any clinical decision.
 - Output: per-slice probability of hemorrhage; the handler aggregates the slices (`{OPTIONS["aggregation"]}`,
   top_k {OPTIONS["top_k"]}) into the study probability and calls a finding at ≥ {THRESHOLD:.2f}
   (SNOMED CT 1386000 "Intracranial hemorrhage").
-- Explanation: Grad-CAM (`monai.visualize.GradCAM`) on `{TARGET_LAYER}`, a 4×4 map at this input size,
+- Explanation: Grad-CAM on `{TARGET_LAYER}`, a 4×4 map at this input size,
   made usable for millimetre-sized bleeds by averaging it over 16 copies of the input — mirrored and/or
   flipped, and shifted by half a cell — each mapped back; cells are placed at the centre of their
   receptive field (MONAI's default upsampler puts them half a cell down and right). The handler keeps
