@@ -12,6 +12,7 @@ from collections.abc import Sequence
 # demo package name → the module that trains it
 DEMO_MODELS = {
     "ct-hemorrhage": "node.training.train_ct_hemorrhage",
+    "conjunctiva-anemia": "node.training.train_conjunctiva_anemia",
 }
 
 
