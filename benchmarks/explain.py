@@ -1,6 +1,7 @@
 """Grad-CAM cost per model: milliseconds per image, batch 1, two threads, by gradients and by the CAM fast
 path, with predict as the reference measured in the same run; medians of several runs. Each package
-is also exported to ONNX and timed under ONNX Runtime (fast path only: it has no gradients).
+with a global-average-pooling head is also exported to ONNX and timed under ONNX Runtime (fast path
+only: it has no gradients).
 
     .venv/bin/python -m benchmarks.explain [--runs 7] [--models models]
 """
@@ -33,7 +34,9 @@ def main() -> None:
             if package.manifest.task != "classification":
                 continue
             variants = [("torch", package.path)]
-            if package.manifest.architecture is not None:
+            explain = package.manifest.explain
+            if package.manifest.architecture is not None and explain is not None and explain.classifier:
+                # ONNX Runtime explains by the fast path only, so only GAP + linear heads are exported
                 variants.append(
                     ("onnx", export_package(package.path, "onnx", Path(tmp) / package.manifest.name).path)
                 )
