@@ -172,7 +172,8 @@ def cmd_models_export(args: argparse.Namespace) -> int:
 def cmd_models_train_demo(args: argparse.Namespace) -> int:
     from node.training import train_demo
 
-    train_demo(args.name, ["--out", str(args.out or Path("models") / args.name)])
+    out = ["--out", str(args.out or Path("models") / args.name)]
+    train_demo(args.name, [*out, "--measure-only"] if args.measure_only else out)
     return 0
 
 
@@ -235,6 +236,9 @@ def parser() -> argparse.ArgumentParser:
     )
     train.add_argument("name", choices=sorted(DEMO_MODELS))
     train.add_argument("--out", type=Path, help="package folder to write (default: models/NAME)")
+    train.add_argument(
+        "--measure-only", action="store_true", help="re-measure the saved weights, no training"
+    )
     train.set_defaults(func=cmd_models_train_demo)
     return top
 

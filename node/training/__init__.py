@@ -1,7 +1,8 @@
 """Demonstration models trained on synthetic phantoms, one script per task (``train_<task>.py``).
 
 ``ainode models train-demo TASK`` runs the script for TASK; each script's ``main(argv)`` takes
-``--out`` (the package folder to write) and is reproducible from fixed seeds.
+``--out`` (the package folder to write) and ``--measure-only`` (``common.arguments``) and is
+reproducible from fixed seeds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from collections.abc import Sequence
 # demo package name → the module that trains it
 DEMO_MODELS = {
     "ct-hemorrhage": "node.training.train_ct_hemorrhage",
+    "chest-xray": "node.training.train_chest_xray",
+    "fundus": "node.training.train_fundus",
+    "skin-lesion": "node.training.train_skin_lesion",
+    "skin-lesion-segmentation": "node.training.train_skin_segmentation",
     "conjunctiva-anemia": "node.training.train_conjunctiva_anemia",
 }
 

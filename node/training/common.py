@@ -4,26 +4,38 @@ the metrics a model card reports, CPU timings, and writing the package files.
 Each task's script (``node.training.train_<task>``) keeps only what is its own: the phantom, the
 network's arguments, the augmentation and the card's wording. Scripts run under ``ainode models
 train-demo TASK`` or ``python -m``; they must be reproducible (fixed seeds) and take at most ten
-minutes on two CPU cores.
+minutes on two CPU cores. Each has the same shape:
+
+- ``manifest() -> dict``: the package manifest less ``weights`` and ``sha256``, built from the
+  script's constants, so the committed ``manifest.toml`` can be checked against it without training;
+- ``main(argv)`` parses :func:`arguments` plus its own options. Training ends in :func:`write_package`
+  and :func:`save_recipe` (the figures the card quotes about training, with :func:`model_size`);
+  ``--measure-only`` instead calls :func:`write_manifest` for the saved weights and :func:`load_recipe`.
+  Either way it then measures through ``node.runtime.load_model`` and writes the card (:func:`write_card`).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import cv2
 import numpy as np
+import tomli_w
 import torch
 
 from node.runtime.package import MANIFEST, MODEL_CARD, sha256_of
 
 T = TypeVar("T")
 Log = Callable[[str], None]
+
+RECIPE = "training.json"  # in the package: how its weights were made, for re-measuring without training
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE."
 DISCLAIMER = (
@@ -168,16 +180,67 @@ def timings(model: Any, label_index: int) -> dict[str, float]:
     return out
 
 
+def explain_costs(timing: Mapping[str, float]) -> str:
+    """The Grad-CAM figures of :func:`timings` in a card's words: "Grad-CAM by `gradient` 56 ms, …"."""
+    return ", ".join(
+        f"Grad-CAM by `{key.removeprefix('explain_').removesuffix('_ms')}` {value:.0f} ms"
+        for key, value in timing.items()
+        if key.startswith("explain_")
+    )
+
+
+def arguments(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every training script takes — ``--out`` (default ``models/<name>``) and
+    ``--measure-only`` — so ``ainode models train-demo`` can pass them to any script; the script adds
+    its own (set sizes, epochs) and shows ``doc`` (its module docstring) as the help text."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("models") / name, help="the package folder")
+    parser.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="no training: rewrite the manifest for the saved weights, re-measure, rewrite the card",
+    )
+    return parser
+
+
 def write_package(
-    out: Path, network: torch.nn.Module, manifest_text: Callable[[str], str], weights: str = "weights.pt"
+    out: Path, network: torch.nn.Module, manifest: dict[str, Any], weights: str = "weights.pt"
 ) -> Path:
-    """Save the state_dict and the manifest (``manifest_text(sha256)``); returns the package folder.
-    Measure through ``node.runtime.load_model(out)`` afterwards, so the card reports what the node runs."""
+    """Save the state_dict as ``weights`` and the manifest for it (see :func:`write_manifest`); returns
+    the package folder. Measure through ``node.runtime.load_model(out)`` afterwards, so the card
+    reports what the node runs."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / weights
-    torch.save(network.state_dict(), path)
-    (out / MANIFEST).write_text(manifest_text(sha256_of(path)), encoding="utf-8")
+    torch.save(network.state_dict(), out / weights)
+    return write_manifest(out, manifest, weights)
+
+
+def write_manifest(out: Path, manifest: dict[str, Any], weights: str = "weights.pt") -> Path:
+    """Write ``manifest.toml`` for the weights already in ``out``: ``manifest`` (the schema of
+    ``node.runtime.package.Manifest`` less ``weights`` and ``sha256``) with those two filled in. On its
+    own it serves ``--measure-only``, so an edited manifest (an [explain] target layer, say) applies
+    without retraining."""
+    data = {**manifest, "weights": weights, "sha256": sha256_of(out / weights)}
+    (out / MANIFEST).write_text(tomli_w.dumps(data), encoding="utf-8")
     return out
+
+
+def model_size(out: Path, network: torch.nn.Module, weights: str = "weights.pt") -> dict[str, float]:
+    """The figures a card gives for the network's size: parameters, and the weights file in MB."""
+    return {
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "weights_mb": (out / weights).stat().st_size / 1e6,
+    }
+
+
+def save_recipe(out: Path, recipe: dict[str, Any]) -> None:
+    """Keep how the weights were made (set sizes, epochs, training time …) in the package's
+    ``training.json``, so ``--measure-only`` can rewrite the card without training."""
+    (out / RECIPE).write_text(json.dumps(recipe, indent=1) + "\n", encoding="utf-8")
+
+
+def load_recipe(out: Path) -> dict[str, Any]:
+    """What :func:`save_recipe` kept."""
+    return dict(json.loads((out / RECIPE).read_text(encoding="utf-8")))
 
 
 def write_card(out: Path, text: str) -> None:

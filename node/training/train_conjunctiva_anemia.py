@@ -11,11 +11,10 @@ runs. ``--measure-only`` re-measures a saved package without training.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,7 +25,6 @@ from monai.networks.nets.resnet import ResNetBlock
 from handlers.base import Model
 from handlers.conjunctiva_anemia import ANEMIA, NotAnalysable, prepare, source_heatmap
 from node.runtime import load_model
-from node.runtime.package import MODEL_CARD
 from node.training import common
 from node.training.conjunctiva_phantom import (
     ANEMIA_HB,
@@ -61,7 +59,6 @@ TRAIN_IMAGES, TEST_IMAGES, EPOCHS, BATCH, LR = 2400, 400, 10, 32, 2e-3
 TEST_SIZE = SOURCE_SIZES[-1]
 POINTING_TOLERANCE_PX = 8  # at TEST_SIZE, about 7 % of the eye's half-width
 RELIT_EYES, LIGHTINGS = 30, 5
-RECIPE_MARK = "training-recipe:"
 
 
 class Case(NamedTuple):
@@ -192,60 +189,35 @@ def lighting_effect(
     }
 
 
-def manifest_text(sha256: str) -> str:
-    """The package manifest (see node.runtime.package.Manifest for the schema)."""
-    q = json.dumps  # a JSON string or number array is valid TOML
-    code = ANEMIA
-    return f"""\
-name = {q(NAME)}
-version = {q(VERSION)}
-handler = "conjunctiva_anemia"
-framework = "torch"
-task = "classification"
-weights = "weights.pt"
-sha256 = {q(sha256)}
-family = "ResNet18 classifier"
-description = "Demonstration anemia screen from conjunctival pallor in lower-eyelid photographs, \
-MONAI ResNet with ResNet18's depth at a quarter of its width, after sclera-based lighting normalisation, \
-trained on synthetic photographs."
-intended_use = "Demonstrating and testing the AI node end to end (DICOM in, Grad-CAM overlays and structured \
-reports out) on synthetic conjunctiva photographs. Not for use on patients."
-disclaimer = {q(common.DISCLAIMER)}
-
-[architecture]
-network = "ResNet"
-args = {{ {", ".join(f"{key} = {q(value)}" for key, value in ARCHITECTURE.items())} }}
-
-[input]
-size = {q(list(INPUT_SIZE))}
-channels = 3
-
-[options]
-retake_margin = {OPTIONS["retake_margin"]}
-explain_images = {OPTIONS["explain_images"]}
-
-[[labels]]
-name = "not_anemic"
-
-[[labels]]
-name = "anemic"
-threshold = {THRESHOLD}
-code = {{ value = {q(code.value)}, scheme = {q(code.scheme)}, meaning = {q(code.meaning)} }}
-
-[explain]
-target_layer = {q(TARGET_LAYER)}
-classifier = {q(CLASSIFIER)}
-flips = false
-"""
+def manifest() -> dict[str, Any]:
+    """The package manifest, less weights and sha256 (see node.runtime.package.Manifest)."""
+    return {
+        "name": NAME,
+        "version": VERSION,
+        "handler": "conjunctiva_anemia",
+        "framework": "torch",
+        "task": "classification",
+        "family": "ResNet18 classifier",
+        "description": "Demonstration anemia screen from conjunctival pallor in lower-eyelid photographs, "
+        "MONAI ResNet with ResNet18's depth at a quarter of its width, after sclera-based lighting "
+        "normalisation, trained on synthetic photographs.",
+        "intended_use": "Demonstrating and testing the AI node end to end (DICOM in, Grad-CAM overlays and "
+        "structured reports out) on synthetic conjunctiva photographs. Not for use on patients.",
+        "disclaimer": common.DISCLAIMER,
+        "architecture": {"network": "ResNet", "args": ARCHITECTURE},
+        "input": {"size": list(INPUT_SIZE), "channels": 3},
+        "options": OPTIONS,
+        "labels": [
+            {"name": LABELS[0]},
+            {"name": LABELS[1], "threshold": THRESHOLD, "code": asdict(ANEMIA)},
+        ],
+        "explain": {"target_layer": TARGET_LAYER, "classifier": CLASSIFIER, "flips": False},
+    }
 
 
 def model_card(metrics: dict[str, Any], recipe: dict[str, Any], timing: dict[str, float]) -> str:
     m = metrics
-    costs = ", ".join(
-        f"Grad-CAM by `{key.removeprefix('explain_').removesuffix('_ms')}` {value:.0f} ms"
-        for key, value in timing.items()
-        if key.startswith("explain_")
-    )
+    costs = common.explain_costs(timing)
     return f"""\
 # {NAME} {VERSION} — demonstration conjunctival-pallor (anemia) model
 
@@ -345,20 +317,8 @@ comparable.
 """
 
 
-def read_recipe(out: Path) -> dict[str, Any]:
-    """The training figures the card recorded (a comment at its end), for re-measuring without training."""
-    card = (out / MODEL_CARD).read_text(encoding="utf-8")
-    return dict(json.loads(card.rsplit(RECIPE_MARK, 1)[1].split("-->", 1)[0]))
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("models") / NAME)
-    parser.add_argument(
-        "--measure-only", action="store_true", help="re-measure the saved package, no training"
-    )
+    parser = common.arguments(__doc__, NAME)
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
@@ -372,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     eyes = common.render(relit, RELIT_EYES, chunksize=5)
     log(f"rendered {len(cases)} held-out photographs and {RELIT_EYES}×{LIGHTINGS} relit ones")
     if args.measure_only:
-        recipe = read_recipe(args.out)
+        common.write_manifest(args.out, manifest())
+        recipe = common.load_recipe(args.out)
     else:
         rendered = [example for example in common.render(training_example, args.train_images) if example]
         inputs = np.stack([x for x, _ in rendered])
@@ -394,14 +355,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             augment=augment,
         )
         train_seconds = time.perf_counter() - train_started
-        common.write_package(args.out, net, manifest_text)
+        common.write_package(args.out, net, manifest())
         recipe = {
             "train_images": len(inputs),
             "epochs": args.epochs,
             "batch": BATCH,
             "lr": args.lr,
-            "parameters": sum(p.numel() for p in net.parameters()),
-            "weights_mb": (args.out / "weights.pt").stat().st_size / 1e6,
+            **common.model_size(args.out, net),
             "train_seconds": train_seconds,
         }
 
@@ -430,8 +390,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"timings {json.dumps(timing)}")
     if not args.measure_only:
         recipe["total_seconds"] = time.perf_counter() - started
-    card = model_card(metrics, recipe, timing) + f"\n<!-- {RECIPE_MARK} {json.dumps(recipe)} -->\n"
-    common.write_card(args.out, card)
+        common.save_recipe(args.out, recipe)
+    common.write_card(args.out, model_card(metrics, recipe, timing))
     log(f"wrote {args.out}")
 
 

@@ -5,15 +5,15 @@
 Reproducible (fixed seeds, two threads) and under ten minutes on two CPU cores. Inputs go through
 ``handlers.ct_hemorrhage.preprocess`` — the same function inference uses — and the measurements are
 taken through the real package loader, so what the model card reports is what the node runs.
+``--measure-only`` re-measures a saved package without training.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import cv2
@@ -54,7 +54,6 @@ TARGET_LAYER = "layer4"  # the last block, as in Grad-CAM's paper; 4x4 at this i
 THRESHOLD = 0.5
 TRAIN_SOURCE_SIZES = (256, 320, 384, 448, 512)
 TEST_SOURCE_SIZE = 512
-RECIPE = "training.json"  # how the weights were made, kept so the card can be re-measured without training
 POINTING_TOLERANCE_MM = 6.0
 OPTIONS: dict[str, Any] = {
     "windows": [list(w) for w in DEFAULT_WINDOWS],
@@ -166,53 +165,28 @@ def evaluate_series(model: PackagedModel, n_each: int, seed: int, size: int) -> 
     }
 
 
-def manifest_text(sha256: str) -> str:
-    """The package manifest (see node.runtime.package.Manifest for the schema)."""
-    q = json.dumps  # a JSON string or number array is valid TOML
-    code = HEMORRHAGE
-    return f"""\
-name = {q(NAME)}
-version = {q(VERSION)}
-handler = "ct_hemorrhage"
-framework = "torch"
-weights = "weights.pt"
-sha256 = {q(sha256)}
-family = "ResNet50 classifier"
-description = "Demonstration head-CT intracranial hemorrhage classifier (per axial slice), MONAI ResNet with \
-ResNet50's bottleneck depth at a quarter of its width, trained on synthetic phantoms."
-intended_use = "Demonstrating and testing the AI node end to end (DICOM in, Grad-CAM overlays and structured \
-reports out) on synthetic non-contrast head CT. Not for use on patients."
-disclaimer = "Demonstration model trained on synthetic phantoms; not clinically validated. \
-NOT FOR DIAGNOSTIC USE."
-
-[architecture]
-network = "ResNet"
-args = {{ {", ".join(f"{key} = {q(value)}" for key, value in ARCHITECTURE.items())} }}
-
-[input]
-size = {q(list(INPUT_SIZE))}
-channels = 3
-
-[options]
-windows = {q(OPTIONS["windows"])}
-aggregation = {q(OPTIONS["aggregation"])}
-top_k = {OPTIONS["top_k"]}
-explain_slices = {OPTIONS["explain_slices"]}
-min_slices = {OPTIONS["min_slices"]}
-
-[[labels]]
-name = "normal"
-
-[[labels]]
-name = "hemorrhage"
-threshold = {THRESHOLD}
-code = {{ value = {q(code.value)}, scheme = {q(code.scheme)}, meaning = {q(code.meaning)} }}
-
-[explain]
-target_layer = {q(TARGET_LAYER)}
-classifier = "fc"
-flips = true
-"""
+def manifest() -> dict[str, Any]:
+    """The package manifest, less weights and sha256 (see node.runtime.package.Manifest)."""
+    return {
+        "name": NAME,
+        "version": VERSION,
+        "handler": "ct_hemorrhage",
+        "framework": "torch",
+        "family": "ResNet50 classifier",
+        "description": "Demonstration head-CT intracranial hemorrhage classifier (per axial slice), MONAI "
+        "ResNet with ResNet50's bottleneck depth at a quarter of its width, trained on synthetic phantoms.",
+        "intended_use": "Demonstrating and testing the AI node end to end (DICOM in, Grad-CAM overlays and "
+        "structured reports out) on synthetic non-contrast head CT. Not for use on patients.",
+        "disclaimer": common.DISCLAIMER,
+        "architecture": {"network": "ResNet", "args": ARCHITECTURE},
+        "input": {"size": list(INPUT_SIZE), "channels": 3},
+        "options": OPTIONS,
+        "labels": [
+            {"name": LABELS[0]},
+            {"name": HEMORRHAGE_LABEL, "threshold": THRESHOLD, "code": asdict(HEMORRHAGE)},
+        ],
+        "explain": {"target_layer": TARGET_LAYER, "classifier": "fc", "flips": True},
+    }
 
 
 def model_card(metrics: dict[str, Any], recipe: dict[str, Any]) -> str:
@@ -298,11 +272,7 @@ blood. The prototype this replaces reported 87.8 % accuracy on real slices; noth
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models") / NAME)
-    parser.add_argument(
-        "--measure-only", action="store_true", help="re-measure the saved package, no training"
-    )
+    parser = common.arguments(__doc__, NAME)
     parser.add_argument("--train-slices", type=int, default=4000)
     parser.add_argument("--test-slices", type=int, default=400)
     parser.add_argument("--test-series", type=int, default=10, help="per class")
@@ -313,23 +283,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     log = common.stopwatch()
     started = time.perf_counter()
-    recipe_path = args.out / RECIPE
     if args.measure_only:
-        recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+        common.write_manifest(args.out, manifest())
+        recipe = common.load_recipe(args.out)
     else:
         inputs, labels = training_set(args.train_slices)
         log(f"rendered {len(inputs)} training slices ({labels.sum()} with a bleed)")
         train_started = time.perf_counter()
         network = train(inputs, labels, args.epochs, args.batch, args.lr, log)
         train_seconds = time.perf_counter() - train_started
-        common.write_package(args.out, network, manifest_text)
+        common.write_package(args.out, network, manifest())
         recipe = {
             "train_slices": args.train_slices,
             "epochs": args.epochs,
             "batch": args.batch,
             "lr": args.lr,
-            "parameters": sum(p.numel() for p in network.parameters()),
-            "weights_mb": (args.out / "weights.pt").stat().st_size / 1e6,
+            **common.model_size(args.out, network),
             "train_seconds": train_seconds,
         }
     torch.set_num_threads(2)
@@ -344,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"series and timing: {json.dumps(metrics)}")
     if not args.measure_only:
         recipe["total_seconds"] = time.perf_counter() - started
-        recipe_path.write_text(json.dumps(recipe, indent=1), encoding="utf-8")
+        common.save_recipe(args.out, recipe)
     common.write_card(args.out, model_card(metrics, recipe))
     log(f"wrote {args.out}")
 

@@ -1,0 +1,320 @@
+"""Pediatric chest X-ray: per-finding probabilities for six findings, "normal" in the summary, and
+Grad-CAM over the image for each finding called (or the most likely one when none is).
+
+Faithful to the prototype (CheXNet: a DenseNet121-family network, 7-class softmax over normal and six
+findings, CLAHE before the network), made a DICOM service: it reads CR and DX images as a PACS sends
+them (MONOCHROME1 or 2, rescale and VOI LUT applied), keeps to frontal chest views, and answers "not
+analysed" with a reason instead of a probability for anything else. :func:`preprocess` is the one path
+from display pixels to model input, shared with the training script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydicom import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
+
+from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, validate_options
+
+TASK = "Pediatric chest X-ray findings"
+NORMAL_LABEL = "normal"
+# The model's outputs besides "normal", with the concept each stands for in results.
+FINDINGS: dict[str, Code] = {
+    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    "pleural_effusion": Code("60046008", "SCT", "Pleural effusion"),
+    "pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
+    "cardiomegaly": Code("8186001", "SCT", "Cardiomegaly"),
+    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
+    "nodule": Code("427359005", "SCT", "Solitary nodule of lung"),
+}
+UNILATERAL = ("pneumonia", "pleural_effusion", "pneumothorax", "atelectasis", "nodule")
+DEFAULT_THRESHOLD = 0.5
+RADIOGRAPHY = ("CR", "DX")
+SOP_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation)
+DISPLAY_MAX = 1024  # longest side of the image shown in an explanation
+SIDE_MARGIN = 0.08  # of the width: a heatmap peak closer to the middle than this is not called a side
+LUNG_AREA = 0.04  # of the image: the smallest enclosed dark region taken for a lung field
+LUNG_CONTRAST = 0.2  # of the display range: aerated lung against the tissue around it
+
+
+class Options(BaseModel):
+    """Task parameters: the manifest's ``[options]`` overlaid with a route's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clahe_clip_limit: float = Field(default=2.0, gt=0.0)
+    clahe_tiles: int = Field(default=8, ge=1, le=64)
+    thresholds: dict[str, float] = Field(default_factory=dict)  # per finding, overriding the manifest's
+    views: tuple[str, ...] = Field(default=("PA", "AP"), min_length=1)  # ViewPosition values analysed
+    max_explanations: int = Field(default=3, ge=0, le=len(FINDINGS))
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_findings(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(thresholds) - set(FINDINGS))
+        if unknown:
+            raise ValueError(f"unknown findings {unknown}; expected some of {list(FINDINGS)}")
+        if any(not 0.0 < value < 1.0 for value in thresholds.values()):
+            raise ValueError("every threshold must lie strictly between 0 and 1")
+        return thresholds
+
+
+def parse_options(options: Mapping[str, Any]) -> Options:
+    return validate_options(Options, options, "chest_xray")
+
+
+def clahe(image: np.ndarray, clip_limit: float, tiles: int) -> np.ndarray:
+    """(H, W) in [0, 1] → contrast-limited adaptive histogram equalisation, as uint8."""
+    eight_bit = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles)).apply(eight_bit)
+
+
+def preprocess(
+    image: np.ndarray, size: tuple[int, int], clip_limit: float = 2.0, tiles: int = 8
+) -> np.ndarray:
+    """A radiograph as displayed, (H, W) in [0, 1] with bone white, → the model input (1, H, W) float32
+    in [0, 1]: area-averaged to the model's size, then CLAHE as the prototype did. Equalising at the
+    model's size keeps each tile the same part of the chest whatever the detector's matrix. Training
+    calls this same function."""
+    height, width = size
+    small = cv2.resize(image.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+    return (clahe(small, clip_limit, tiles).astype(np.float32) / 255.0)[None]
+
+
+def display_pixels(ds: Dataset) -> np.ndarray:
+    """Stored pixels → (H, W) float32 in [0, 1] as a viewer shows them, bone white: the Modality LUT
+    (rescale), the first VOI (LUT or window; the full range when there is none), then inversion for
+    MONOCHROME1."""
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    voi = ds.get("VOILUTSequence")
+    if voi and "LUTDescriptor" in voi[0] and "LUTData" in voi[0]:
+        depth = int(voi[0].LUTDescriptor[2])
+        shown = apply_voi(np.rint(values).astype(np.int64), ds).astype(np.float64) / (2.0**depth - 1.0)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        shown = _window(values, ds)
+    else:
+        low, high = np.percentile(values, [0.5, 99.5])
+        shown = (values - low) / max(float(high - low), 1e-6)
+    shown = np.clip(shown, 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        shown = 1.0 - shown
+    return shown.astype(np.float32)
+
+
+def _first(value: Any) -> float:
+    """The first of a multi-valued number (several windows may be offered; the first is the default)."""
+    return float(value[0]) if isinstance(value, Sequence) and not isinstance(value, str) else float(value)
+
+
+def _window(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """PS3.3 C.11.2.1.2: the LINEAR, LINEAR_EXACT or SIGMOID VOI LUT function, onto [0, 1]."""
+    centre, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
+    if function == "LINEAR_EXACT":
+        return (values - (centre - width / 2.0)) / width
+    return (values - (centre - 0.5)) / max(width - 1.0, 1.0) + 0.5
+
+
+def looks_like_chest(image: np.ndarray) -> bool:
+    """A frontal chest film shows at least one lung field: a large dark region enclosed by the brighter
+    chest wall, mediastinum and diaphragm (the other lung may be white-out). A blank image, a limb or
+    noise has no such enclosed region."""
+    small = np.rint(cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA) * 255.0).astype(np.uint8)
+    _, dark = cv2.threshold(small, 0, 1, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)
+    if (
+        not dark.any()
+        or dark.all()
+        or small[dark == 0].mean() - small[dark == 1].mean() < LUNG_CONTRAST * 255
+    ):
+        return False
+    count, components, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=4)
+    border = set(components[0]) | set(components[-1]) | set(components[:, 0]) | set(components[:, -1])
+    return any(
+        stats[label, cv2.CC_STAT_AREA] >= LUNG_AREA * small.size
+        for label in range(1, count)
+        if label not in border
+    )
+
+
+def source_heatmap(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A heatmap at model input size → ``shape`` (rows, columns), in [0, 1] with its peak at 1."""
+    resized = cv2.resize(heatmap, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    peak = float(resized.max())
+    return np.clip(resized / peak if peak > 0 else resized, 0.0, 1.0).astype(np.float32)
+
+
+def side(ds: Dataset, heatmap: np.ndarray) -> str | None:
+    """The patient's side of the heatmap peak, from Patient Orientation (the direction of the columns;
+    a frontal film is hung with the patient's left on the viewer's right); None near the middle."""
+    orientation = ds.get("PatientOrientation") or ["L", "F"]
+    towards_left = str(orientation[0]).upper().startswith("L")
+    column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)[1]
+    offset = column / max(heatmap.shape[1] - 1, 1) - 0.5
+    if abs(offset) < SIDE_MARGIN:
+        return None
+    return "left" if (offset > 0) == towards_left else "right"
+
+
+def _refusal(ds: Dataset, options: Options) -> str | None:
+    """Why this image is not a frontal chest radiograph the model can read, or None when it is."""
+    modality = str(ds.get("Modality", "")) or "none"
+    if modality not in RADIOGRAPHY:
+        return f"not a radiograph (Modality {modality}; CR or DX expected)"
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class == DigitalXRayImageStorageForProcessing:
+        return "a DX image 'for processing' (raw detector data); send the 'for presentation' image"
+    if sop_class not in SOP_CLASSES:
+        return f"SOP class {sop_class} is not CR or DX for presentation"
+    body_part = str(ds.get("BodyPartExamined", "")).upper()
+    if body_part and body_part != "CHEST":
+        return f"body part {body_part}, not CHEST"
+    view = str(ds.get("ViewPosition", "")).upper()
+    if view and view not in options.views:
+        return f"view {view}; frontal views ({', '.join(options.views)}) only"
+    if "PixelData" not in ds:
+        return "no pixel data"
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return "colour or multi-frame image; a single greyscale radiograph expected"
+    return None
+
+
+class ChestXRayHandler(Handler):
+    name: ClassVar[str] = "chest_xray"
+
+    def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
+        opts = parse_options(options)
+        labels = list(model.labels)
+        missing = [label for label in (NORMAL_LABEL, *FINDINGS) if label not in labels]
+        if missing:
+            raise ValueError(f"chest_xray needs a model with labels {missing}, got {labels}")
+        # Loaded packages carry per-label thresholds from their manifest (node.runtime's models).
+        manifest_thresholds: Mapping[str, float] = getattr(model, "thresholds", {})
+        thresholds = {
+            name: opts.thresholds.get(name, manifest_thresholds.get(name, DEFAULT_THRESHOLD))
+            for name in FINDINGS
+        }
+
+        refusals = [_refusal(ds, opts) for ds in datasets]
+        usable = [ds for ds, reason in zip(datasets, refusals, strict=True) if reason is None]
+        if not usable:
+            return Analysis.not_analysed(
+                TASK, datasets, "; ".join(sorted({r for r in refusals if r})) or "no images"
+            )
+        try:
+            images = [display_pixels(ds) for ds in usable]
+        except Exception as exc:  # an undecodable transfer syntax or corrupt pixel data: say so, do not guess
+            return Analysis.not_analysed(TASK, datasets, f"pixel data could not be read: {exc}")
+        if any(image.ndim != 2 for image in images):
+            return Analysis.not_analysed(
+                TASK, datasets, "a single greyscale radiograph per instance expected"
+            )
+        chest_like = [looks_like_chest(image) for image in images]
+        if not any(chest_like):
+            return Analysis.not_analysed(
+                TASK,
+                datasets,
+                "does not look like a frontal chest radiograph: no lung fields darker than the mediastinum",
+            )
+        usable = [ds for ds, ok in zip(usable, chest_like, strict=True) if ok]
+        images = [image for image, ok in zip(images, chest_like, strict=True) if ok]
+
+        batch = np.stack(
+            [preprocess(image, model.input_size, opts.clahe_clip_limit, opts.clahe_tiles) for image in images]
+        )
+        probabilities = model.predict(batch)  # (images, labels): a study holds one or a few frontal films
+        # Per finding, the study's probability is that of the image showing it most.
+        study = {name: float(probabilities[:, labels.index(name)].max()) for name in FINDINGS}
+        findings = [
+            Finding(code, study[name] >= thresholds[name], study[name], float(thresholds[name]))
+            for name, code in FINDINGS.items()
+        ]
+        called = sorted(
+            (name for name in FINDINGS if study[name] >= thresholds[name]), key=lambda n: -study[n]
+        )
+        # Every result is explained: the findings called, or else the most likely one, faintly.
+        explained = (
+            called[: opts.max_explanations] or [max(study, key=study.__getitem__)][: opts.max_explanations]
+        )
+        explanations, sides = [], {}
+        for name in explained:
+            index = labels.index(name)
+            best = int(probabilities[:, index].argmax())
+            probability = float(probabilities[best, index])
+            explanation = _explain(model, batch[best], index, usable[best], images[best], probability, opts)
+            sides[name] = side(usable[best], explanation.heatmap)
+            if name not in called:  # scaled by the probability, so an unconvincing overlay stays faint
+                explanation = replace(explanation, heatmap=explanation.heatmap * np.float32(study[name]))
+            explanations.append(explanation)
+
+        normal = float(probabilities[:, labels.index(NORMAL_LABEL)].min())
+        if called:
+            parts = [
+                f"{FINDINGS[name].meaning.lower()}"
+                + (f", {sides[name]}" if name in UNILATERAL and sides.get(name) else "")
+                + f" (p={study[name]:.2f})"
+                for name in called
+            ]
+            summary = f"Suspected {_join(parts)}; normal p={normal:.2f}."
+        else:
+            top = max(study, key=study.__getitem__)
+            summary = (
+                f"No finding above threshold (normal p={normal:.2f}; most likely "
+                f"{FINDINGS[top].meaning.lower()}, p={study[top]:.2f})."
+            )
+        return Analysis(
+            task=TASK,
+            sources=list(datasets),
+            findings=findings,
+            explanations=explanations,
+            summary=summary,
+            details={
+                "image_probabilities": {
+                    str(ds.SOPInstanceUID): {
+                        label: round(float(p), 4) for label, p in zip(labels, row, strict=True)
+                    }
+                    for ds, row in zip(usable, probabilities, strict=True)
+                },
+                "images_dropped": len(datasets) - len(usable),
+                "reasons_dropped": sorted({r for r in refusals if r}),
+            },
+        )
+
+
+def _explain(
+    model: Model,
+    x: np.ndarray,
+    index: int,
+    source: Dataset,
+    image: np.ndarray,
+    probability: float,
+    opts: Options,
+) -> Explanation:
+    """Grad-CAM of label ``index`` over the image as shown (CLAHE, at most DISPLAY_MAX pixels a side)."""
+    scale = min(1.0, DISPLAY_MAX / max(image.shape))
+    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+    shown = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1.0 else image
+    heatmap = source_heatmap(model.explain(x[None], index)[0], shown.shape)
+    return Explanation(
+        source=source,
+        image=np.repeat(clahe(shown, opts.clahe_clip_limit, opts.clahe_tiles)[:, :, None], 3, axis=2),
+        heatmap=heatmap,
+        probability=probability,
+        label=FINDINGS[model.labels[index]].meaning,
+    )
+
+
+def _join(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
