@@ -8,10 +8,12 @@ minutes on two CPU cores. Each has the same shape:
 
 - ``manifest() -> dict``: the package manifest less ``weights`` and ``sha256``, built from the
   script's constants, so the committed ``manifest.toml`` can be checked against it without training;
-- ``main(argv)`` parses :func:`arguments` plus its own options. Training ends in :func:`write_package`
-  and :func:`save_recipe` (the figures the card quotes about training, with :func:`model_size`);
-  ``--measure-only`` instead calls :func:`write_manifest` for the saved weights and :func:`load_recipe`.
-  Either way it then measures through ``node.runtime.load_model`` and writes the card (:func:`write_card`).
+- ``main(argv)`` parses :func:`arguments` plus its own options, renders its held-out set, and calls
+  :func:`train_or_load`: it trains and writes the package (:func:`write_package`), or with
+  ``--measure-only`` rewrites the manifest for the saved weights (:func:`write_manifest`), and returns
+  the recipe, the figures the card quotes about training. It then measures through
+  ``node.runtime.load_model`` and ends in :func:`finish`, which saves the recipe (:func:`save_recipe`,
+  after training only) and writes the card (:func:`write_card`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from node.runtime.package import MANIFEST, MODEL_CARD, sha256_of
 
 T = TypeVar("T")
 Log = Callable[[str], None]
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 RECIPE = "training.json"  # in the package: how its weights were made, for re-measuring without training
 
@@ -61,9 +65,8 @@ def fit(
     lr: float,
     seed: int,
     log: Log,
-    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-    | None = None,
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
+    augment: Augment | None = None,
+    loss: Loss = torch.nn.functional.cross_entropy,
 ) -> torch.nn.Module:
     """AdamW with a one-cycle schedule, seeded shuffling and augmentation; returns the network in eval
     mode. ``augment(x, y, generator)`` gets a batch and returns it transformed (``y`` too, for masks)."""
@@ -189,10 +192,14 @@ def explain_costs(timing: Mapping[str, float]) -> str:
     )
 
 
-def arguments(doc: str, name: str) -> argparse.ArgumentParser:
-    """The options every training script takes — ``--out`` (default ``models/<name>``) and
-    ``--measure-only`` — so ``ainode models train-demo`` can pass them to any script; the script adds
-    its own (set sizes, epochs) and shows ``doc`` (its module docstring) as the help text."""
+def arguments(
+    doc: str, name: str, *, train: int, test: int, epochs: int, batch: int, lr: float, unit: str = "images"
+) -> argparse.ArgumentParser:
+    """The options every training script takes, so ``ainode models train-demo`` can pass them to any
+    script: ``--out`` (default ``models/<name>``) and ``--measure-only``; and, with the script's
+    defaults, the set sizes ``--train-<unit>`` and ``--test-<unit>`` (``args.train``, ``args.test``)
+    and ``--epochs``, ``--batch`` and ``--lr`` for :func:`train_or_load`. The script adds its own and
+    shows ``doc`` (its module docstring) as the help text."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models") / name, help="the package folder")
     parser.add_argument(
@@ -200,6 +207,12 @@ def arguments(doc: str, name: str) -> argparse.ArgumentParser:
         action="store_true",
         help="no training: rewrite the manifest for the saved weights, re-measure, rewrite the card",
     )
+    parser.add_argument(f"--train-{unit}", dest="train", type=int, default=train, help="training set size")
+    parser.add_argument(f"--test-{unit}", dest="test", type=int, default=test, help="held-out set size")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--lr", type=float, default=lr, help="the one-cycle schedule's peak")
+    parser.set_defaults(unit=unit)  # names the recipe's count: train_images, train_slices
     return parser
 
 
@@ -251,11 +264,74 @@ def write_card(out: Path, text: str) -> None:
     (out / MODEL_CARD).write_text(text, encoding="utf-8")
 
 
-def stopwatch() -> Log:
-    """A logger that prefixes each line with seconds since it was made."""
+def train_or_load(
+    args: argparse.Namespace,
+    manifest: dict[str, Any],
+    network: Callable[[], torch.nn.Module],
+    example: Callable[[int], tuple[np.ndarray, Any] | None],
+    *,
+    seed: int,
+    log: Log,
+    augment: Augment | None = None,
+    loss: Loss = torch.nn.functional.cross_entropy,
+) -> dict[str, Any]:
+    """The package's weights and their recipe, for the options of :func:`arguments`. With
+    ``--measure-only``: :func:`write_manifest` for the weights saved in ``args.out``, and the saved
+    recipe (:func:`load_recipe`). Otherwise: render ``example(0 … args.train - 1)`` (each
+    ``(input, target)``, or None to leave out), :func:`fit` a new ``network()`` to them (made after
+    ``torch.manual_seed(seed)``, so its initial weights are reproducible too) and
+    :func:`write_package`; the recipe is ``train_<unit>`` (the examples used), epochs, batch, lr,
+    :func:`model_size` and train_seconds. Either way torch is left on two threads for measuring."""
+    if args.measure_only:
+        write_manifest(args.out, manifest)
+        torch.set_num_threads(2)  # as fit leaves it; not before render, whose workers fork
+        return load_recipe(args.out)
+    examples = [pair for pair in render(example, args.train) if pair is not None]
+    inputs = np.stack([x for x, _ in examples])
+    targets = np.stack([y for _, y in examples])
+    del examples
+    if targets.dtype.kind in "iu":  # class labels, as cross-entropy takes them
+        targets = targets.astype(np.int64)
+    per_class = f", {np.bincount(targets).tolist()} per class" if targets.ndim == 1 else ""
+    log(f"rendered {len(inputs)} training {args.unit}{per_class}")
+    torch.manual_seed(seed)
+    net = network()
     started = time.perf_counter()
+    settings: dict[str, Any] = {"epochs": args.epochs, "batch": args.batch, "lr": args.lr}
+    fit(net, inputs, targets, **settings, seed=seed, log=log, augment=augment, loss=loss)
+    train_seconds = time.perf_counter() - started
+    write_package(args.out, net, manifest)
+    return {
+        f"train_{args.unit}": len(inputs),
+        **settings,
+        **model_size(args.out, net),
+        "train_seconds": train_seconds,
+    }
 
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
-    return log
+def finish(
+    args: argparse.Namespace,
+    recipe: dict[str, Any],
+    total_seconds: float,
+    card: Callable[[dict[str, Any]], str],
+) -> None:
+    """After training, add ``total_seconds`` (the whole script's) to the recipe and save it
+    (:func:`save_recipe`); either way write the card, ``card(recipe)`` (:func:`write_card`)."""
+    if not args.measure_only:
+        recipe["total_seconds"] = total_seconds
+        save_recipe(args.out, recipe)
+    write_card(args.out, card(recipe))
+
+
+class Stopwatch:
+    """A :data:`Log` that prefixes each line with the seconds since it was made; :meth:`seconds` reads
+    them (for :func:`finish`)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.seconds():6.0f} s] {message}", flush=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,6 +228,7 @@ def model_card(
         f"| {name} | {v['strict']:.3f} | {v['tolerant']:.3f} |" for name, v in pg["per_finding"].items()
     )
     codes = "\n".join(f'| `{name}` | SNOMED CT {c.value} "{c.meaning}" |' for name, c in FINDINGS.items())
+    lr, batch = recipe.get("lr", LR), recipe.get("batch", BATCH)  # the committed recipe has neither
     return f"""\
 # {NAME} {VERSION} — demonstration pediatric chest X-ray model
 
@@ -285,7 +285,7 @@ A mirrored chest has its heart on the right, but every finding keeps its label; 
 mirroring, the model's Grad-CAM for a collapsed lobe often peaked in the other lung.
 
 ## Training recipe
-AdamW (weight decay 1e-4), one-cycle learning rate peaking at {LR}, batch {BATCH}, {recipe["epochs"]} epochs,
+AdamW (weight decay 1e-4), one-cycle learning rate peaking at {lr}, batch {batch}, {recipe["epochs"]} epochs,
 cross-entropy, from random initialisation (no pretrained weights). Seed {SEED}, 2 CPU threads; training
 took {recipe["train_seconds"] / 60:.1f} minutes (whole script {recipe["total_seconds"] / 60:.1f} minutes).
 
@@ -339,48 +339,22 @@ is comparable.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = common.arguments(__doc__, NAME)
-    parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
-    parser.add_argument("--test-images", type=int, default=TEST_IMAGES)
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    args = parser.parse_args(argv)
-    log = common.stopwatch()
-    started = time.perf_counter()
+    args = common.arguments(
+        __doc__, NAME, train=TRAIN_IMAGES, test=TEST_IMAGES, epochs=EPOCHS, batch=BATCH, lr=LR
+    ).parse_args(argv)
+    log = common.Stopwatch()
 
-    cases = common.render(held_out_case, args.test_images, chunksize=20)
+    cases = common.render(held_out_case, args.test, chunksize=20)
     log(f"rendered {len(cases)} held-out images")
-    if args.measure_only:
-        common.write_manifest(args.out, manifest())
-        recipe = common.load_recipe(args.out)
-    else:
-        rendered = common.render(training_example, args.train_images)
-        inputs = np.stack([x for x, _ in rendered])
-        labels = np.array([y for _, y in rendered], dtype=np.int64)
-        del rendered
-        log(f"rendered {len(inputs)} training images {inputs.shape[1:]}")
-        torch.manual_seed(SEED)
-        network = DenseNet(**ARCHITECTURE)
-        train_started = time.perf_counter()
-        common.fit(
-            network,
-            inputs,
-            labels,
-            epochs=args.epochs,
-            batch=BATCH,
-            lr=LR,
-            seed=SEED,
-            log=log,
-            augment=augment,
-        )
-        train_seconds = time.perf_counter() - train_started
-        common.write_package(args.out, network, manifest())
-        recipe = {
-            **common.model_size(args.out, network),
-            "train_images": len(inputs),
-            "epochs": args.epochs,
-            "train_seconds": train_seconds,
-        }
-    torch.set_num_threads(2)
+    recipe = common.train_or_load(
+        args,
+        manifest(),
+        lambda: DenseNet(**ARCHITECTURE),
+        training_example,
+        seed=SEED,
+        log=log,
+        augment=augment,
+    )
     model = load_model(args.out)
     metrics = evaluate(model, cases)
     log(f"accuracy {metrics['accuracy']:.3f}, macro AUC {metrics['macro_auc']:.3f}")
@@ -389,10 +363,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"timings {timing}")
     comparison = last_block(args.out, cases)
     log(f"last block: {comparison}")
-    if not args.measure_only:
-        recipe["total_seconds"] = time.perf_counter() - started
-        common.save_recipe(args.out, recipe)
-    common.write_card(args.out, model_card(metrics, recipe, timing, comparison))
+    common.finish(args, recipe, log.seconds(), lambda recipe: model_card(metrics, recipe, timing, comparison))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ runs. ``--measure-only`` re-measures a saved package without training.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NamedTuple
@@ -318,59 +317,24 @@ comparable.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = common.arguments(__doc__, NAME)
-    parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
-    parser.add_argument("--test-images", type=int, default=TEST_IMAGES)
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--lr", type=float, default=LR)
-    args = parser.parse_args(argv)
-    log = common.stopwatch()
-    started = time.perf_counter()
+    args = common.arguments(
+        __doc__, NAME, train=TRAIN_IMAGES, test=TEST_IMAGES, epochs=EPOCHS, batch=BATCH, lr=LR
+    ).parse_args(argv)
+    log = common.Stopwatch()
 
-    rendered_cases = common.render(held_out, args.test_images, chunksize=20)
+    rendered_cases = common.render(held_out, args.test, chunksize=20)
     cases = [case for case in rendered_cases if case is not None]
     eyes = common.render(relit, RELIT_EYES, chunksize=5)
     log(f"rendered {len(cases)} held-out photographs and {RELIT_EYES}×{LIGHTINGS} relit ones")
-    if args.measure_only:
-        common.write_manifest(args.out, manifest())
-        recipe = common.load_recipe(args.out)
-    else:
-        rendered = [example for example in common.render(training_example, args.train_images) if example]
-        inputs = np.stack([x for x, _ in rendered])
-        labels = np.array([y for _, y in rendered], dtype=np.int64)
-        del rendered
-        log(f"rendered {len(inputs)} training photographs, {np.bincount(labels).tolist()} per class")
-        torch.manual_seed(SEED)
-        net = network()
-        train_started = time.perf_counter()
-        common.fit(
-            net,
-            inputs,
-            labels,
-            epochs=args.epochs,
-            batch=BATCH,
-            lr=args.lr,
-            seed=SEED,
-            log=log,
-            augment=augment,
-        )
-        train_seconds = time.perf_counter() - train_started
-        common.write_package(args.out, net, manifest())
-        recipe = {
-            "train_images": len(inputs),
-            "epochs": args.epochs,
-            "batch": BATCH,
-            "lr": args.lr,
-            **common.model_size(args.out, net),
-            "train_seconds": train_seconds,
-        }
-
+    recipe = common.train_or_load(
+        args, manifest(), network, training_example, seed=SEED, log=log, augment=augment
+    )
     model = load_model(args.out)  # measured through the loader the node uses, sha256 check included
     labels = np.array([case.label for case in cases])
     scores = predict(model, np.stack([case.input for case in cases]))
     metrics: dict[str, Any] = {
         "images": len(cases),
-        "refused": args.test_images - len(cases),
+        "refused": args.test - len(cases),
         "positives": int(labels.sum()),
         **common.binary_metrics(scores, labels, THRESHOLD),
     }
@@ -388,10 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"metrics {json.dumps(metrics)}")
     timing = common.timings(model, list(model.labels).index("anemic"))
     log(f"timings {json.dumps(timing)}")
-    if not args.measure_only:
-        recipe["total_seconds"] = time.perf_counter() - started
-        common.save_recipe(args.out, recipe)
-    common.write_card(args.out, model_card(metrics, recipe, timing))
+    common.finish(args, recipe, log.seconds(), lambda recipe: model_card(metrics, recipe, timing))
     log(f"wrote {args.out}")
 
 

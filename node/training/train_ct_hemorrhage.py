@@ -11,7 +11,6 @@ taken through the real package loader, so what the model card reports is what th
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -73,12 +72,6 @@ def training_example(index: int) -> tuple[np.ndarray, int]:
     return preprocess(phantom.hu, INPUT_SIZE, DEFAULT_WINDOWS), int(phantom.hemorrhage)
 
 
-def training_set(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, labels) for n slices, rendered on both cores before torch starts its threads."""
-    examples = common.render(training_example, n)
-    return np.stack([x for x, _ in examples]), np.array([y for _, y in examples], dtype=np.int64)
-
-
 def augment(
     x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,18 +86,12 @@ def augment(
     return torch.roll(x, (dy, dx), dims=(-2, -1)), y  # the border is air, so rolling is shifting
 
 
-def train(
-    inputs: np.ndarray, labels: np.ndarray, epochs: int, batch: int, lr: float, log: common.Log
-) -> ResNet:
-    torch.manual_seed(SEED)
-    network = ResNet(**ARCHITECTURE)
-    for block in network.modules():  # each residual block starts as identity: a 50-layer net then trains
+def network() -> ResNet:
+    net = ResNet(**ARCHITECTURE)
+    for block in net.modules():  # each residual block starts as identity: a 50-layer net then trains
         if isinstance(block, ResNetBottleneck):  # from scratch in a few hundred steps (Goyal et al. 2017)
             torch.nn.init.zeros_(block.bn3.weight)
-    common.fit(
-        network, inputs, labels, epochs=epochs, batch=batch, lr=lr, seed=SEED, log=log, augment=augment
-    )
-    return network
+    return net
 
 
 def pointing_game(model: Model, phantoms: Sequence[Phantom], tolerances_px: Sequence[int]) -> list[float]:
@@ -272,38 +259,16 @@ blood. The prototype this replaces reported 87.8 % accuracy on real slices; noth
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = common.arguments(__doc__, NAME)
-    parser.add_argument("--train-slices", type=int, default=4000)
-    parser.add_argument("--test-slices", type=int, default=400)
+    parser = common.arguments(__doc__, NAME, train=4000, test=400, epochs=5, batch=16, lr=1e-3, unit="slices")
     parser.add_argument("--test-series", type=int, default=10, help="per class")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
 
-    log = common.stopwatch()
-    started = time.perf_counter()
-    if args.measure_only:
-        common.write_manifest(args.out, manifest())
-        recipe = common.load_recipe(args.out)
-    else:
-        inputs, labels = training_set(args.train_slices)
-        log(f"rendered {len(inputs)} training slices ({labels.sum()} with a bleed)")
-        train_started = time.perf_counter()
-        network = train(inputs, labels, args.epochs, args.batch, args.lr, log)
-        train_seconds = time.perf_counter() - train_started
-        common.write_package(args.out, network, manifest())
-        recipe = {
-            "train_slices": args.train_slices,
-            "epochs": args.epochs,
-            "batch": args.batch,
-            "lr": args.lr,
-            **common.model_size(args.out, network),
-            "train_seconds": train_seconds,
-        }
-    torch.set_num_threads(2)
+    log = common.Stopwatch()
+    recipe = common.train_or_load(
+        args, manifest(), network, training_example, seed=SEED, log=log, augment=augment
+    )
     rng_test = np.random.default_rng(SEED + 1)  # training slices are seeded [SEED, index]
-    test_phantoms = [sample_slice(rng_test, TEST_SOURCE_SIZE, 0.5) for _ in range(args.test_slices)]
+    test_phantoms = [sample_slice(rng_test, TEST_SOURCE_SIZE, 0.5) for _ in range(args.test)]
     log(f"rendered {len(test_phantoms)} held-out slices")
     model = load_model(args.out)  # measured through the same loader the node uses, sha256 check included
     metrics: dict[str, Any] = evaluate(model, test_phantoms, THRESHOLD)
@@ -311,10 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics |= evaluate_series(model, args.test_series, seed=SEED + 1000, size=TEST_SOURCE_SIZE)
     metrics |= common.timings(model, list(model.labels).index(HEMORRHAGE_LABEL))
     log(f"series and timing: {json.dumps(metrics)}")
-    if not args.measure_only:
-        recipe["total_seconds"] = time.perf_counter() - started
-        common.save_recipe(args.out, recipe)
-    common.write_card(args.out, model_card(metrics, recipe))
+    common.finish(args, recipe, log.seconds(), lambda recipe: model_card(metrics, recipe))
     log(f"wrote {args.out}")
 
 

@@ -11,7 +11,6 @@ through the real package loader and handler, so what the model card reports is w
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -330,51 +329,16 @@ comparable.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = common.arguments(__doc__, NAME)
-    parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
-    parser.add_argument("--test-images", type=int, default=TEST_IMAGES)
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--lr", type=float, default=LR)
-    args = parser.parse_args(argv)
-    log = common.stopwatch()
-    started = time.perf_counter()
+    args = common.arguments(
+        __doc__, NAME, train=TRAIN_IMAGES, test=TEST_IMAGES, epochs=EPOCHS, batch=BATCH, lr=LR
+    ).parse_args(argv)
+    log = common.Stopwatch()
 
-    cases = common.render(held_out, args.test_images, chunksize=20)
+    cases = common.render(held_out, args.test, chunksize=20)
     log(f"rendered {len(cases)} held-out photographs")
-    if args.measure_only:
-        common.write_manifest(args.out, manifest())
-        recipe = common.load_recipe(args.out)
-    else:
-        rendered = common.render(training_example, args.train_images)
-        inputs = np.stack([x for x, _ in rendered])
-        labels = np.array([y for _, y in rendered], dtype=np.int64)
-        del rendered
-        log(f"rendered {len(inputs)} training photographs, {np.bincount(labels).tolist()} per class")
-        torch.manual_seed(SEED)
-        net = network()
-        train_started = time.perf_counter()
-        common.fit(
-            net,
-            inputs,
-            labels,
-            epochs=args.epochs,
-            batch=BATCH,
-            lr=args.lr,
-            seed=SEED,
-            log=log,
-            augment=augment,
-        )
-        train_seconds = time.perf_counter() - train_started
-        common.write_package(args.out, net, manifest())
-        recipe = {
-            **common.model_size(args.out, net),
-            "train_images": len(inputs),
-            "epochs": args.epochs,
-            "batch": BATCH,
-            "lr": args.lr,
-            "train_seconds": train_seconds,
-        }
-    torch.set_num_threads(2)
+    recipe = common.train_or_load(
+        args, manifest(), network, training_example, seed=SEED, log=log, augment=augment
+    )
     model = load_model(args.out)  # measured through the loader the node uses, sha256 check included
     metrics = evaluate(model, cases)
     log(f"accuracy {metrics['accuracy']:.3f}, macro AUC {metrics['macro_auc']:.3f}")
@@ -383,10 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"handler {metrics['handler']}")
     timing = common.timings(model, LABELS.index("diabetic_retinopathy"))
     log(f"timings {timing}")
-    if not args.measure_only:
-        recipe["total_seconds"] = time.perf_counter() - started
-        common.save_recipe(args.out, recipe)
-    common.write_card(args.out, model_card(metrics, recipe, timing))
+    common.finish(args, recipe, log.seconds(), lambda recipe: model_card(metrics, recipe, timing))
     print(json.dumps({"metrics": metrics, "recipe": recipe, "timings": timing}, indent=1))
 
 

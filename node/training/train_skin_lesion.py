@@ -11,7 +11,6 @@ through the real package loader, so what the model card reports is what the node
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -233,58 +232,25 @@ reported 88 % accuracy on real HAM10000 images; nothing here is comparable.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = common.arguments(__doc__, NAME)
-    parser.add_argument("--train-images", type=int, default=3000)
-    parser.add_argument("--test-images", type=int, default=280)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    args = parser.parse_args(argv)
+    args = common.arguments(__doc__, NAME, train=3000, test=280, epochs=6, batch=32, lr=3e-3).parse_args(argv)
 
-    log = common.stopwatch()
-    started = time.perf_counter()
-    test_phantoms = common.render(test_phantom, args.test_images)
+    log = common.Stopwatch()
+    test_phantoms = common.render(test_phantom, args.test)
     log(f"rendered {len(test_phantoms)} held-out photographs")
-    if args.measure_only:
-        common.write_manifest(args.out, manifest())
-        recipe = common.load_recipe(args.out)
-    else:
-        examples = common.render(training_example, args.train_images)
-        inputs = np.stack([x for x, _ in examples])
-        labels = np.array([y for _, y in examples], dtype=np.int64)
-        del examples
-        log(f"rendered {len(inputs)} training photographs")
-        train_started = time.perf_counter()
-        network = common.fit(
-            EfficientNet(**ARCHITECTURE),
-            inputs,
-            labels,
-            epochs=args.epochs,
-            batch=args.batch,
-            lr=args.lr,
-            seed=SEED,
-            log=log,
-            augment=augment,
-        )
-        train_seconds = time.perf_counter() - train_started
-        common.write_package(args.out, network, manifest())
-        recipe = {
-            "train_images": args.train_images,
-            "epochs": args.epochs,
-            "batch": args.batch,
-            "lr": args.lr,
-            **common.model_size(args.out, network),
-            "train_seconds": train_seconds,
-        }
-    torch.set_num_threads(2)
+    recipe = common.train_or_load(
+        args,
+        manifest(),
+        lambda: EfficientNet(**ARCHITECTURE),
+        training_example,
+        seed=SEED,
+        log=log,
+        augment=augment,
+    )
     model = load_model(args.out)  # measured through the same loader the node uses, sha256 check included
     metrics = evaluate(model, test_phantoms)
     metrics |= common.timings(model, LABELS.index("mel"))
     log(f"measured: {json.dumps(metrics)}")
-    if not args.measure_only:
-        recipe["total_seconds"] = time.perf_counter() - started
-        common.save_recipe(args.out, recipe)
-    common.write_card(args.out, model_card(metrics, recipe))
+    common.finish(args, recipe, log.seconds(), lambda recipe: model_card(metrics, recipe))
     log(f"wrote {args.out}")
 
 

@@ -11,7 +11,6 @@ card reports is what the node runs. ``--measure-only`` re-measures a saved packa
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -202,58 +201,25 @@ nothing here is comparable.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = common.arguments(__doc__, NAME)
-    parser.add_argument("--train-images", type=int, default=2400)
-    parser.add_argument("--test-images", type=int, default=210)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    args = parser.parse_args(argv)
+    args = common.arguments(__doc__, NAME, train=2400, test=210, epochs=6, batch=16, lr=3e-3).parse_args(argv)
 
-    log = common.stopwatch()
-    started = time.perf_counter()
-    test_phantoms = common.render(test_phantom, args.test_images)
+    log = common.Stopwatch()
+    test_phantoms = common.render(test_phantom, args.test)
     log(f"rendered {len(test_phantoms)} held-out photographs")
-    if args.measure_only:
-        common.write_manifest(args.out, manifest())
-        recipe = common.load_recipe(args.out)
-    else:
-        examples = common.render(training_example, args.train_images)
-        inputs = np.stack([x for x, _ in examples])
-        masks = np.stack([y for _, y in examples])
-        del examples
-        log(f"rendered {len(inputs)} training photographs")
-        train_started = time.perf_counter()
-        network = common.fit(
-            BasicUNet(**ARCHITECTURE),
-            inputs,
-            masks,
-            epochs=args.epochs,
-            batch=args.batch,
-            lr=args.lr,
-            seed=SEED,
-            log=log,
-            augment=augment,
-            loss=DiceCELoss(to_onehot_y=True, softmax=True),
-        )
-        train_seconds = time.perf_counter() - train_started
-        common.write_package(args.out, network, manifest())
-        recipe = {
-            "train_images": args.train_images,
-            "epochs": args.epochs,
-            "batch": args.batch,
-            "lr": args.lr,
-            **common.model_size(args.out, network),
-            "train_seconds": train_seconds,
-        }
-    torch.set_num_threads(2)
+    recipe = common.train_or_load(
+        args,
+        manifest(),
+        lambda: BasicUNet(**ARCHITECTURE),
+        training_example,
+        seed=SEED,
+        log=log,
+        augment=augment,
+        loss=DiceCELoss(to_onehot_y=True, softmax=True),
+    )
     model = load_model(args.out)  # measured through the same loader the node uses, sha256 check included
     metrics = evaluate(model, test_phantoms)
     log(f"measured: {json.dumps(metrics)}")
-    if not args.measure_only:
-        recipe["total_seconds"] = time.perf_counter() - started
-        common.save_recipe(args.out, recipe)
-    common.write_card(args.out, model_card(metrics, recipe))
+    common.finish(args, recipe, log.seconds(), lambda recipe: model_card(metrics, recipe))
     log(f"wrote {args.out}")
 
 
