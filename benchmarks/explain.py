@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from functools import partial
 from pathlib import Path
-
-import torch
 
 from node.runtime import load_model
 from node.runtime.export import export_package
+from node.runtime.model import set_threads
 from node.runtime.package import discover
-from node.training.common import median_ms
+from node.training.common import timings
 
 
 def main() -> None:
@@ -26,7 +24,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--models", type=Path, default=Path("models"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    set_threads(2)
     print("| model | runtime | predict ms | Grad-CAM by gradients ms | CAM fast path ms | gradients / fast |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,13 +45,11 @@ def main() -> None:
 def row(name: str, runtime: str, path: Path, runs: int) -> str:
     """One table row: the model's medians, "–" where the runtime lacks the method."""
     model = load_model(path)
-    x = torch.rand(1, model.manifest.input.channels, *model.input_size).numpy()
-    label = len(model.labels) - 1
-    times = {"predict": median_ms(partial(model.predict, x), runs)}
-    for method in model.explain_methods:
-        times[method] = median_ms(partial(model.explain, x, label, method=method), runs)
-    cells = [f"{times[key]:.1f}" if key in times else "–" for key in ("predict", "gradient", "cam")]
-    ratio = f"{times['gradient'] / times['cam']:.2f}" if {"gradient", "cam"} <= times.keys() else "–"
+    times = timings(model, len(model.labels) - 1, runs)
+    keys = ("predict_ms", "explain_gradient_ms", "explain_cam_ms")
+    cells = [f"{times[key]:.1f}" if key in times else "–" for key in keys]
+    both = {"explain_gradient_ms", "explain_cam_ms"} <= times.keys()
+    ratio = f"{times['explain_gradient_ms'] / times['explain_cam_ms']:.2f}" if both else "–"
     return f"| {name} | {runtime} | {' | '.join(cells)} | {ratio} |"
 
 

@@ -99,6 +99,11 @@ class Model(Protocol):
     def labels(self) -> Sequence[str]: ...
 
     @property
+    def thresholds(self) -> Mapping[str, float]:
+        """Decision thresholds the package's manifest sets, per label (labels without one are absent)."""
+        ...
+
+    @property
     def input_size(self) -> tuple[int, int]: ...
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -122,6 +127,44 @@ class SegmentationModel(Protocol):
     def segment(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 → (N, n_labels, H, W) per-pixel probabilities (softmax over labels)."""
         ...
+
+
+def rgb8(ds: Dataset) -> np.ndarray:
+    """A colour photograph as (H, W, 3) uint8 RGB (pydicom converts YBR colour spaces to RGB); more
+    than 8 bits stored are scaled down, not clipped."""
+    pixels = ds.pixel_array
+    bits = int(ds.get("BitsStored", 8))
+    if bits > 8:
+        pixels = np.rint(pixels.astype(np.float32) * (255.0 / (2**bits - 1)))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+DEFAULT_THRESHOLD = 0.5  # a label's decision threshold where neither the route nor the manifest sets one
+
+
+def label_indices(handler: str, model: Model, labels: Sequence[str]) -> dict[str, int]:
+    """Where each label ``handler`` reads sits in the model's outputs; a model lacking one is refused
+    (a route pointing a handler at the wrong model fails loudly, not with shuffled findings)."""
+    names = list(model.labels)
+    missing = [label for label in labels if label not in names]
+    if missing:
+        raise ValueError(f"{handler} needs a model with labels {list(labels)}, missing {missing}")
+    return {label: names.index(label) for label in labels}
+
+
+def thresholds(
+    model: Model, labels: Sequence[str], override: float | Mapping[str, float] | None
+) -> dict[str, float]:
+    """Each label's decision threshold: the route's option (one value for all labels, or per label),
+    else the package manifest's, else DEFAULT_THRESHOLD."""
+    routed: Mapping[str, float | None] = (
+        override if isinstance(override, Mapping) else dict.fromkeys(labels, override)
+    )
+    chosen = {label: routed.get(label) for label in labels}
+    return {
+        label: float(model.thresholds.get(label, DEFAULT_THRESHOLD)) if value is None else float(value)
+        for label, value in chosen.items()
+    }
 
 
 class Handler(ABC):

@@ -25,7 +25,17 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
 )
 
-from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, validate_options
+from handlers.base import (
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    label_indices,
+    thresholds,
+    validate_options,
+)
 
 TASK = "Pediatric chest X-ray findings"
 NORMAL_LABEL = "normal"
@@ -39,7 +49,6 @@ FINDINGS: dict[str, Code] = {
     "nodule": Code("427359005", "SCT", "Solitary nodule of lung"),
 }
 UNILATERAL = ("pneumonia", "pleural_effusion", "pneumothorax", "atelectasis", "nodule")
-DEFAULT_THRESHOLD = 0.5
 RADIOGRAPHY = ("CR", "DX")
 SOP_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation)
 DISPLAY_MAX = 1024  # longest side of the image shown in an explanation
@@ -196,16 +205,8 @@ class ChestXRayHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        labels = list(model.labels)
-        missing = [label for label in (NORMAL_LABEL, *FINDINGS) if label not in labels]
-        if missing:
-            raise ValueError(f"chest_xray needs a model with labels {missing}, got {labels}")
-        # Loaded packages carry per-label thresholds from their manifest (node.runtime's models).
-        manifest_thresholds: Mapping[str, float] = getattr(model, "thresholds", {})
-        thresholds = {
-            name: opts.thresholds.get(name, manifest_thresholds.get(name, DEFAULT_THRESHOLD))
-            for name in FINDINGS
-        }
+        columns = label_indices(self.name, model, [NORMAL_LABEL, *FINDINGS])
+        cutoffs = thresholds(model, list(FINDINGS), opts.thresholds)
 
         refusals = [_refusal(ds, opts) for ds in datasets]
         usable = [ds for ds, reason in zip(datasets, refusals, strict=True) if reason is None]
@@ -236,21 +237,19 @@ class ChestXRayHandler(Handler):
         )
         probabilities = model.predict(batch)  # (images, labels): a study holds one or a few frontal films
         # Per finding, the study's probability is that of the image showing it most.
-        study = {name: float(probabilities[:, labels.index(name)].max()) for name in FINDINGS}
+        study = {name: float(probabilities[:, columns[name]].max()) for name in FINDINGS}
         findings = [
-            Finding(code, study[name] >= thresholds[name], study[name], float(thresholds[name]))
+            Finding(code, study[name] >= cutoffs[name], study[name], float(cutoffs[name]))
             for name, code in FINDINGS.items()
         ]
-        called = sorted(
-            (name for name in FINDINGS if study[name] >= thresholds[name]), key=lambda n: -study[n]
-        )
+        called = sorted((name for name in FINDINGS if study[name] >= cutoffs[name]), key=lambda n: -study[n])
         # Every result is explained: the findings called, or else the most likely one, faintly.
         explained = (
             called[: opts.max_explanations] or [max(study, key=study.__getitem__)][: opts.max_explanations]
         )
         explanations, sides = [], {}
         for name in explained:
-            index = labels.index(name)
+            index = columns[name]
             best = int(probabilities[:, index].argmax())
             probability = float(probabilities[best, index])
             explanation = _explain(model, batch[best], index, usable[best], images[best], probability, opts)
@@ -259,7 +258,7 @@ class ChestXRayHandler(Handler):
                 explanation = replace(explanation, heatmap=explanation.heatmap * np.float32(study[name]))
             explanations.append(explanation)
 
-        normal = float(probabilities[:, labels.index(NORMAL_LABEL)].min())
+        normal = float(probabilities[:, columns[NORMAL_LABEL]].min())
         if called:
             parts = [
                 f"{FINDINGS[name].meaning.lower()}"
@@ -283,7 +282,7 @@ class ChestXRayHandler(Handler):
             details={
                 "image_probabilities": {
                     str(ds.SOPInstanceUID): {
-                        label: round(float(p), 4) for label, p in zip(labels, row, strict=True)
+                        label: round(float(p), 4) for label, p in zip(model.labels, row, strict=True)
                     }
                     for ds, row in zip(usable, probabilities, strict=True)
                 },

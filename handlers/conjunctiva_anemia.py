@@ -25,12 +25,21 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom import Dataset
 
-from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, validate_options
+from handlers.base import (
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    label_indices,
+    thresholds,
+    validate_options,
+)
 
 TASK = "Conjunctival pallor (anemia) screening"
 ANEMIA = Code("271737000", "SCT", "Anemia")
 ANEMIC_LABEL = "anemic"  # the model output this handler reads
-DEFAULT_THRESHOLD = 0.5
 MODALITIES = ("XC", "OP")  # external-camera (VL Photographic) and ophthalmic photography
 PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422")  # pydicom decodes the YBR ones to RGB
 REFERENCE_WHITE = 0.9  # what the sclera becomes in every channel; leaves headroom for brighter specks
@@ -266,17 +275,8 @@ class ConjunctivaAnemiaHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        if ANEMIC_LABEL not in model.labels:
-            raise ValueError(
-                f"conjunctiva_anemia needs a model with an {ANEMIC_LABEL!r} label, got {list(model.labels)}"
-            )
-        label_index = list(model.labels).index(ANEMIC_LABEL)
-        manifest_thresholds: Mapping[str, float] = getattr(model, "thresholds", {})
-        threshold = (
-            opts.threshold
-            if opts.threshold is not None
-            else manifest_thresholds.get(ANEMIC_LABEL, DEFAULT_THRESHOLD)
-        )
+        label_index = label_indices(self.name, model, [ANEMIC_LABEL])[ANEMIC_LABEL]
+        threshold = thresholds(model, [ANEMIC_LABEL], opts.threshold)[ANEMIC_LABEL]
 
         usable: list[tuple[Dataset, Prepared]] = []
         refused: dict[str, str] = {}

@@ -17,12 +17,21 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydicom import Dataset
 
-from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, validate_options
+from handlers.base import (
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    label_indices,
+    thresholds,
+    validate_options,
+)
 
 TASK = "Head CT hemorrhage detection"
 HEMORRHAGE = Code("1386000", "SCT", "Intracranial hemorrhage")
 HEMORRHAGE_LABEL = "hemorrhage"  # the model output this handler reads
-DEFAULT_THRESHOLD = 0.5
 # (centre, width) in HU: brain, subdural, bone — the prototype's window levelling, one per channel.
 DEFAULT_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
 BONE_HU = 300.0
@@ -187,18 +196,8 @@ class CTHemorrhageHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        if HEMORRHAGE_LABEL not in model.labels:
-            raise ValueError(
-                f"ct_hemorrhage needs a model with a {HEMORRHAGE_LABEL!r} label, got {list(model.labels)}"
-            )
-        label_index = list(model.labels).index(HEMORRHAGE_LABEL)
-        # Loaded packages carry per-label thresholds from their manifest (node.runtime.PackagedModel).
-        manifest_thresholds: Mapping[str, float] = getattr(model, "thresholds", {})
-        threshold = (
-            opts.threshold
-            if opts.threshold is not None
-            else manifest_thresholds.get(HEMORRHAGE_LABEL, DEFAULT_THRESHOLD)
-        )
+        label_index = label_indices(self.name, model, [HEMORRHAGE_LABEL])[HEMORRHAGE_LABEL]
+        threshold = thresholds(model, [HEMORRHAGE_LABEL], opts.threshold)[HEMORRHAGE_LABEL]
 
         modalities = sorted({str(ds.get("Modality", "")) or "none" for ds in datasets})
         if modalities != ["CT"]:

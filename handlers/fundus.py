@@ -26,7 +26,18 @@ from pydicom.uid import (
     WideFieldOphthalmicPhotographyStereographicProjectionImageStorage,
 )
 
-from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, validate_options
+from handlers.base import (
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    label_indices,
+    rgb8,
+    thresholds,
+    validate_options,
+)
 
 TASK = "Fundus photograph screening"
 NORMAL_LABEL = "normal"
@@ -36,7 +47,6 @@ CONDITIONS: dict[str, Code] = {
     "macular_degeneration": Code("267718000", "SCT", "Age-related macular degeneration"),
     "branch_vein_occlusion": Code("24596005", "SCT", "Venous retinal branch occlusion"),
 }
-DEFAULT_THRESHOLD = 0.5
 MODALITIES = ("OP", "XC")  # ophthalmic photography; external-camera (VL Photographic) fundus images
 OPHTHALMIC_SOP_CLASSES = {
     OphthalmicPhotography8BitImageStorage,
@@ -215,15 +225,6 @@ def refusal(ds: Dataset) -> str | None:
     return None
 
 
-def rgb8(ds: Dataset) -> np.ndarray:
-    """The photograph as (H, W, 3) uint8 RGB (pydicom converts YBR colour spaces to RGB)."""
-    pixels = ds.pixel_array
-    bits = int(ds.get("BitsStored", 8))
-    if bits > 8:
-        pixels = np.rint(pixels.astype(np.float32) * (255.0 / (2**bits - 1)))
-    return np.clip(pixels, 0, 255).astype(np.uint8)
-
-
 @dataclass
 class _Photo:
     source: Dataset
@@ -252,12 +253,12 @@ def _read(datasets: Sequence[Dataset], min_brightness: float) -> tuple[list[_Pho
     return photos, set_aside
 
 
-def _eye_sentence(eye: str, probabilities: Mapping[str, float], thresholds: Mapping[str, float]) -> str:
-    present = [label for label in CONDITIONS if probabilities[label] >= thresholds[label]]
+def _eye_sentence(eye: str, probabilities: Mapping[str, float], cutoffs: Mapping[str, float]) -> str:
+    present = [label for label in CONDITIONS if probabilities[label] >= cutoffs[label]]
     if present:
         calls = " and ".join(
             f"{CONDITIONS[label].meaning.lower()} "
-            f"(p={probabilities[label]:.2f}, threshold {thresholds[label]:.2f})"
+            f"(p={probabilities[label]:.2f}, threshold {cutoffs[label]:.2f})"
             for label in present
         )
         return f"{eye}: {calls} suspected"
@@ -271,19 +272,8 @@ class FundusHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        labels = list(model.labels)
-        missing = [label for label in (NORMAL_LABEL, *CONDITIONS) if label not in labels]
-        if missing:
-            raise ValueError(
-                f"fundus needs a model with labels {[NORMAL_LABEL, *CONDITIONS]}, missing {missing}"
-            )
-        manifest_thresholds: Mapping[str, float] = getattr(model, "thresholds", {})
-        thresholds = {
-            label: opts.threshold
-            if opts.threshold is not None
-            else manifest_thresholds.get(label, DEFAULT_THRESHOLD)
-            for label in CONDITIONS
-        }
+        columns = label_indices(self.name, model, [NORMAL_LABEL, *CONDITIONS])
+        cutoffs = thresholds(model, list(CONDITIONS), opts.threshold)
 
         photos, set_aside = _read(datasets, opts.min_brightness)
         if not photos:
@@ -298,14 +288,14 @@ class FundusHandler(Handler):
         members = {eye: [i for i, photo in enumerate(photos) if photo.eye == eye] for eye in eyes}
         per_eye = {
             eye: {
-                label: float(AGGREGATE[opts.aggregation](probabilities[indices, labels.index(label)]))
+                label: float(AGGREGATE[opts.aggregation](probabilities[indices, columns[label]]))
                 for label in CONDITIONS
             }
             for eye, indices in members.items()
         }
         worst = {label: max(per_eye[eye][label] for eye in eyes) for label in CONDITIONS}  # per patient
         findings = [
-            Finding(code, worst[label] >= thresholds[label], worst[label], float(thresholds[label]))
+            Finding(code, worst[label] >= cutoffs[label], worst[label], float(cutoffs[label]))
             for label, code in CONDITIONS.items()
         ]
 
@@ -313,9 +303,9 @@ class FundusHandler(Handler):
         if opts.explain:
             for eye in eyes:  # each eye's most likely condition, on the photograph that shows it most
                 label = max(CONDITIONS, key=lambda name: per_eye[eye][name])
-                index = max(members[eye], key=lambda i: float(probabilities[i, labels.index(label)]))
-                photo, probability = photos[index], float(probabilities[index, labels.index(label)])
-                heatmap = model.explain(batch[index : index + 1], labels.index(label))[0]
+                index = max(members[eye], key=lambda i: float(probabilities[i, columns[label]]))
+                photo, probability = photos[index], float(probabilities[index, columns[label]])
+                heatmap = model.explain(batch[index : index + 1], columns[label])[0]
                 meaning = CONDITIONS[label].meaning
                 explanations.append(
                     Explanation(
@@ -331,7 +321,7 @@ class FundusHandler(Handler):
                     )
                 )
 
-        summary = "; ".join(_eye_sentence(EYES[eye], per_eye[eye], thresholds) for eye in eyes)
+        summary = "; ".join(_eye_sentence(EYES[eye], per_eye[eye], cutoffs) for eye in eyes)
         return Analysis(
             task=TASK,
             sources=[photo.source for photo in photos],
@@ -343,16 +333,14 @@ class FundusHandler(Handler):
                     EYES[eye]: {
                         "images": len(members[eye]),
                         "probabilities": {label: round(p, 4) for label, p in per_eye[eye].items()},
-                        "present": [
-                            label for label in CONDITIONS if per_eye[eye][label] >= thresholds[label]
-                        ],
+                        "present": [label for label in CONDITIONS if per_eye[eye][label] >= cutoffs[label]],
                     }
                     for eye in eyes
                 },
                 "image_probabilities": {
-                    str(photo.source.SOPInstanceUID): {
-                        label: round(float(p), 4) for label, p in zip(labels, probabilities[i], strict=True)
-                    }
+                    str(photo.source.SOPInstanceUID): dict(
+                        zip(model.labels, np.round(probabilities[i].astype(float), 4).tolist(), strict=True)
+                    )
                     for i, photo in enumerate(photos)
                 },
                 "images_set_aside": set_aside,

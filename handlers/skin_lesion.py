@@ -17,7 +17,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom import Dataset
 
-from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, validate_options
+from handlers.base import (
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    label_indices,
+    rgb8,
+    thresholds,
+    validate_options,
+)
 
 TASK = "Dermoscopy skin lesion classification"
 # SNOMED CT concept for each HAM10000 class; the meaning is the concept's preferred term.
@@ -30,7 +41,6 @@ CLASS_CODES: dict[str, Code] = {
     "nv": Code("400096001", "SCT", "Melanocytic nevus"),
     "vasc": Code("400210000", "SCT", "Hemangioma"),
 }
-DEFAULT_THRESHOLD = 0.5
 DEFAULT_CROP = 2.0 / 3.0
 # External-camera photography and dermoscopy: the modalities a skin photograph is stored under.
 PHOTOGRAPHIC_MODALITIES = ("XC", "DMS")
@@ -69,14 +79,6 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], crop_fraction: float = DE
     return (resized.astype(np.float32) / 255.0).transpose(2, 0, 1).copy()
 
 
-def rgb_pixels(ds: Dataset) -> np.ndarray:
-    """The photograph as (H, W, 3) uint8 RGB (pydicom converts YBR to RGB)."""
-    pixels = ds.pixel_array
-    if pixels.dtype != np.uint8:
-        pixels = np.clip(pixels, 0, 255).astype(np.uint8)
-    return pixels
-
-
 def refusal(ds: Dataset, min_side: int) -> str | None:
     """Why this instance is not a colour photograph the model can read, or None if it is."""
     modality = str(ds.get("Modality", "")) or "none"
@@ -106,10 +108,8 @@ class SkinLesionHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        missing = [label for label in CLASS_CODES if label not in model.labels]
-        if missing:
-            raise ValueError(f"skin_lesion needs a model with labels {list(CLASS_CODES)}, missing {missing}")
-        manifest_thresholds: Mapping[str, float] = getattr(model, "thresholds", {})
+        indices = list(label_indices(self.name, model, list(CLASS_CODES)).values())
+        cutoffs = thresholds(model, list(CLASS_CODES), opts.threshold)
         if not datasets:
             return Analysis.not_analysed(TASK, datasets, "no images")
         for ds in datasets:
@@ -117,7 +117,7 @@ class SkinLesionHandler(Handler):
             if reason is not None:
                 return Analysis.not_analysed(TASK, datasets, reason)
         try:
-            crops = [centre_crop(rgb_pixels(ds), opts.crop_fraction) for ds in datasets]
+            crops = [centre_crop(rgb8(ds), opts.crop_fraction) for ds in datasets]
         except Exception as exc:  # an undecodable transfer syntax or corrupt pixel data: say so, do not guess
             return Analysis.not_analysed(TASK, datasets, f"pixel data could not be read: {exc}")
         if any(crop.ndim != 3 or crop.shape[2] != 3 for crop in crops):
@@ -130,16 +130,9 @@ class SkinLesionHandler(Handler):
 
         batch = np.stack([preprocess(crop, model.input_size, 1.0) for crop in crops])
         per_image = np.concatenate([model.predict(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)])
-        indices = [list(model.labels).index(label) for label in CLASS_CODES]
         probabilities = per_image[:, indices].mean(axis=0)  # several photographs of one lesion: mean
-        thresholds = {
-            label: opts.threshold
-            if opts.threshold is not None
-            else manifest_thresholds.get(label, DEFAULT_THRESHOLD)
-            for label in CLASS_CODES
-        }
         findings = [
-            Finding(code, bool(p >= thresholds[label]), float(p), float(thresholds[label]))
+            Finding(code, bool(p >= cutoffs[label]), float(p), float(cutoffs[label]))
             for (label, code), p in zip(CLASS_CODES.items(), probabilities, strict=True)
         ]
         top = int(np.argmax(probabilities))
@@ -160,7 +153,7 @@ class SkinLesionHandler(Handler):
         ranked = np.argsort(-probabilities, kind="stable")
         runner_up = list(CLASS_CODES)[int(ranked[1])]
         top_p = float(probabilities[top])
-        confidence = "" if top_p >= thresholds[top_label] else "; below its threshold, low confidence"
+        confidence = "" if top_p >= cutoffs[top_label] else "; below its threshold, low confidence"
         summary = (
             f"Most likely {CLASS_CODES[top_label].meaning.lower()} (p={top_p:.2f}{confidence}); "
             f"next {CLASS_CODES[runner_up].meaning.lower()} (p={float(probabilities[ranked[1]]):.2f})."

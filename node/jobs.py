@@ -22,6 +22,7 @@ from node import audit
 from node.config import Settings
 from node.db import Database, Job, JobStatus, Result, Send, utcnow
 from node.pipeline import JobOutput, JobSpec, run_job
+from node.runtime.model import set_threads
 from node.runtime.package import ModelRefused
 from node.runtime.package import select as select_package
 from node.spool import Spool
@@ -42,10 +43,7 @@ Work = Callable[[JobSpec], JobOutput]
 
 def _worker_main(conn: Connection, torch_threads: int, work: Work) -> None:
     """A worker process: run specs until the parent closes the pipe."""
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
+    set_threads(torch_threads)
     while True:
         try:
             spec: JobSpec = conn.recv()

@@ -20,6 +20,7 @@ from handlers import get_handler
 from node.results import secondary_captures, structured_report
 from node.runtime import PackagedModel, load_model
 from node.runtime.identity import ModelIdentity
+from node.runtime.package import open_package
 from node.spool import write_atomic
 
 OVERLAY_SERIES_NUMBER = 9000
@@ -57,8 +58,11 @@ _models: dict[str, PackagedModel] = {}
 
 
 def _model(model_dir: str) -> PackagedModel:
-    """Models stay loaded in a worker between jobs; the sha256 is checked on each first load."""
-    if model_dir not in _models:
+    """Models stay loaded in a worker between jobs. A package whose manifest now names other weights
+    (replaced in place) is loaded afresh, so a job never runs the old ones under the new sha256; each
+    load checks the sha256."""
+    cached = _models.get(model_dir)
+    if cached is None or cached.manifest.sha256 != open_package(model_dir).manifest.sha256:
         _models[model_dir] = load_model(Path(model_dir))
     return _models[model_dir]
 

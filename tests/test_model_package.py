@@ -4,13 +4,17 @@ version wins, and the shipped demonstration package loads through the real path.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from node.pipeline import _model
 from node.runtime import load_model
 from node.runtime.package import (
     ManifestError,
@@ -21,6 +25,7 @@ from node.runtime.package import (
     select,
     verify_weights,
 )
+from node.training.common import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "ct-hemorrhage"
@@ -215,3 +220,20 @@ def test_the_shipped_package_loads_predicts_and_explains() -> None:
     assert heatmaps.min() >= 0.0 and np.isclose(heatmaps.max(), 1.0)
     with pytest.raises(ValueError, match="takes"):
         model.predict(batch[:, :1])
+
+
+def test_a_worker_reloads_a_package_whose_weights_were_replaced(tmp_path: Path) -> None:
+    """A worker keeps models loaded between jobs; weights replaced in place (with the manifest's sha256
+    updated, as select() requires) must not keep running under the old ones."""
+    folder = tmp_path / "ct-hemorrhage"
+    shutil.copytree(SHIPPED, folder)
+    first = _model(str(folder))
+    assert _model(str(folder)) is first  # kept between jobs
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    state["fc.bias"] += 1.0
+    torch.save(state, folder / "weights.pt")
+    manifest = tomllib.loads((folder / "manifest.toml").read_text(encoding="utf-8"))
+    write_manifest(folder, {k: v for k, v in manifest.items() if k not in ("weights", "sha256")})
+    second = _model(str(folder))
+    assert second is not first
+    assert second.manifest.sha256 == hashlib.sha256((folder / "weights.pt").read_bytes()).hexdigest()

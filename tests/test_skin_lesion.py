@@ -172,6 +172,22 @@ def test_a_monochrome_photograph_is_refused(model: PackagedModel, phantoms: list
     assert analysis.not_analysed_reason == "not a colour image (Photometric Interpretation MONOCHROME2)"
 
 
+def test_a_16_bit_photograph_is_scaled_not_saturated(
+    model: PackagedModel, phantoms: list[SkinPhantom], analyses: list[Analysis]
+) -> None:
+    """Some cameras store more than 8 bits; clipping them to 255 would show a white image."""
+    ds = dermoscopy_dataset(phantoms[0], "test-0")
+    wide = (phantoms[0].rgb.astype(np.uint16) * 257).astype("<u2")  # 0…255 → 0…65535
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelData = wide.tobytes()
+    analysis = handler.analyse([ds], model, model.manifest.options)
+    assert analysis.analysed
+    assert [f.probability for f in analysis.findings] == pytest.approx(
+        [f.probability for f in analyses[0].findings], abs=1e-3
+    )
+
+
 @pytest.mark.parametrize(
     ("options", "name"),
     [({"crop_fraction": 1.5}, "crop_fraction"), ({"threshold": 1.0}, "threshold"), ({"zoom": 2}, "zoom")],

@@ -17,27 +17,10 @@ import tomli_w
 import torch
 
 from node.runtime.package import MANIFEST, MODEL_CARD, ModelPackage, open_package, sha256_of, verify_weights
-from node.runtime.torch import build_network
+from node.runtime.torch import WithFeatures, build_network
 
 Format = Literal["torchscript", "onnx"]
 FEATURES_OUTPUT = "features"
-
-
-class WithFeatures(torch.nn.Module):
-    """``network`` returning ``(outputs, output of target_layer)``."""
-
-    def __init__(self, network: torch.nn.Module, target_layer: str) -> None:
-        super().__init__()
-        self.network = network
-        self._captured: list[torch.Tensor] = []
-        dict(network.named_modules())[target_layer].register_forward_hook(
-            lambda _module, _inputs, output: self._captured.append(output)
-        )
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._captured.clear()
-        outputs = self.network(x)
-        return outputs, self._captured[-1]
 
 
 def write_whole_model(

@@ -27,6 +27,23 @@ from node.runtime.package import Manifest, ModelPackage
 T = TypeVar("T")
 Method = Literal["auto", "gradient", "cam"]
 CLASSIFIER_TOLERANCE = 1e-3  # relative: how closely GAP + the named layer must reproduce the outputs
+_threads = 0  # see set_threads
+
+
+def set_threads(count: int) -> None:
+    """Threads each framework may use for inference in this process (0: its own default). Job workers
+    share the CPU through it: torch takes it here, ONNX Runtime for each session it opens."""
+    global _threads
+    _threads = count
+    if count:
+        import torch
+
+        torch.set_num_threads(count)
+
+
+def threads() -> int:
+    """What :func:`set_threads` set (0: each framework's default)."""
+    return _threads
 
 
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:

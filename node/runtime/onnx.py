@@ -14,7 +14,7 @@ import onnx
 import onnxruntime
 from onnx import numpy_helper
 
-from node.runtime.model import PackagedModel, named
+from node.runtime.model import PackagedModel, named, threads
 from node.runtime.package import ModelPackage
 
 
@@ -28,7 +28,7 @@ class OnnxModel(PackagedModel):
         try:
             self._graph = onnx.load(str(package.weights_path))
             options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = 2  # like torch.set_num_threads in the workers: share the CPU
+            options.intra_op_num_threads = threads()  # the job workers share the CPU
             self._session = onnxruntime.InferenceSession(
                 self._graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
             )

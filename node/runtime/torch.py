@@ -1,9 +1,9 @@
 """PyTorch runtime: a MONAI network built from the manifest and its state_dict, or a TorchScript file.
 
-A state_dict package names its MONAI network in ``[architecture]``; a forward hook reads the target
-layer. A TorchScript file carries its own architecture but cannot be hooked, so
-it must return ``(outputs, features)``: the target layer's feature maps as a second output, as
-``node.runtime.export`` writes it. Only this module imports torch, so listing and checking packages
+A state_dict package names its MONAI network in ``[architecture]``; :class:`WithFeatures` hooks the
+target layer so the network returns ``(outputs, features)``. A TorchScript file carries its own
+architecture but cannot be hooked, so it must return that pair itself, as ``node.runtime.export``
+writes it (by scripting the same wrapper). Only this module imports torch, so listing and checking packages
 stays light. Thread counts are the caller's business (``torch.set_num_threads``).
 """
 
@@ -39,6 +39,26 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
     return network.eval()
 
 
+class WithFeatures(torch.nn.Module):
+    """``network`` returning ``(outputs, output of target_layer)``. The features are the layer's last
+    output in the pass: a module the network calls more than once (MONAI's EfficientNet applies one
+    ``_swish`` after its stem and its head) is read where it feeds the head."""
+
+    def __init__(self, network: torch.nn.Module, target_layer: str) -> None:
+        super().__init__()
+        layer = dict(network.named_modules()).get(target_layer)
+        if layer is None:
+            raise ValueError(f"explain.target_layer {target_layer!r} is not a layer")
+        self.network = network
+        self._captured: list[torch.Tensor] = []
+        layer.register_forward_hook(lambda _module, _inputs, output: self._captured.append(output))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._captured.clear()
+        outputs = self.network(x)
+        return outputs, self._captured[-1]
+
+
 def _load_torchscript(package: ModelPackage) -> torch.jit.ScriptModule:
     try:
         return torch.jit.load(str(package.weights_path), map_location="cpu").eval()
@@ -49,38 +69,34 @@ def _load_torchscript(package: ModelPackage) -> torch.jit.ScriptModule:
         ) from exc
 
 
+def _load_state_dict(package: ModelPackage) -> torch.nn.Module:
+    network = build_network(package)
+    explain = package.manifest.explain
+    if explain is None:
+        return network
+    try:
+        return WithFeatures(network, explain.target_layer)
+    except ValueError as exc:
+        raise ValueError(f"{package.path}: {exc}") from exc
+
+
 class TorchModel(PackagedModel):
     """A loaded torch package (state_dict of a MONAI network, or TorchScript)."""
 
     def __init__(self, package: ModelPackage) -> None:
         super().__init__(package)
-        self._scripted = package.manifest.architecture is None
-        self._network: Any = _load_torchscript(package) if self._scripted else build_network(package)
-        self._captured: list[torch.Tensor] = []
-        explain = package.manifest.explain
-        if explain is not None and not self._scripted:
-            layer = dict(self._network.named_modules()).get(explain.target_layer)
-            if layer is None:
-                raise ValueError(
-                    f"{package.path}: explain.target_layer {explain.target_layer!r} is not a layer"
-                )
-            layer.register_forward_hook(lambda _module, _inputs, output: self._captured.append(output))
+        scripted = package.manifest.architecture is None
+        self._network: Any = _load_torchscript(package) if scripted else _load_state_dict(package)
         self._check()
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(outputs, the target layer's features or None). A TorchScript file returns both; a hooked
-        network's features are the layer's last output in the pass — a module the network calls more
-        than once (MONAI's EfficientNet applies one ``_swish`` after its stem and its head) is read
-        where it feeds the head."""
-        self._captured.clear()
+        """(outputs, the target layer's features, or None for a network that returns only outputs)."""
         result = self._network(x)
-        if isinstance(result, tuple | list):
-            if not self._scripted or len(result) != 2:
-                raise ValueError(f"{self.path}: the network returns {len(result)} outputs")
-            return result[0], result[1]
-        features = self._captured[-1] if self._captured else None
-        self._captured.clear()
-        return result, features
+        if not isinstance(result, tuple | list):
+            return result, None
+        if len(result) != 2:
+            raise ValueError(f"{self.path}: the network returns {len(result)} outputs")
+        return result[0], result[1]
 
     def _outputs(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

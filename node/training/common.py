@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import cv2
 import numpy as np
@@ -38,6 +38,7 @@ T = TypeVar("T")
 Log = Callable[[str], None]
 Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Move = Literal["mirror", "flip", "transpose"]  # left-right, up-down, rows for columns
 
 RECIPE = "training.json"  # in the package: how its weights were made, for re-measuring without training
 
@@ -53,6 +54,43 @@ def render(example: Callable[[int], T], n: int, chunksize: int = 50) -> list[T]:
     is spread; it runs before torch starts its threads (fork)."""
     with multiprocessing.get_context("fork").Pool(2) as pool:
         return pool.map(example, range(n), chunksize=chunksize)
+
+
+_MOVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mirror": lambda t: t.flip(-1),
+    "flip": lambda t: t.flip(-2),
+    "transpose": lambda t: t.transpose(-1, -2),
+}
+
+
+def reorient(
+    x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, moves: Sequence[Move]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of ``moves`` applied to a random half of the batch, a draw per example and move, in the
+    order given; a target with the image's dimensions (a mask) moves with its image, class labels stay.
+    A network that meets a lesion in every orientation cannot tie its evidence to one side of it,
+    which keeps Grad-CAM on the lesion."""
+    chosen = (torch.rand(len(moves), len(x), generator=generator) < 0.5)[:, :, None, None, None]
+    for move, picked in zip(moves, chosen, strict=True):
+        x = torch.where(picked, _MOVES[move](x), x)
+        if y.ndim == x.ndim:
+            y = torch.where(picked, _MOVES[move](y), y)
+    return x, y
+
+
+def shift(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
+    """The batch moved by one random offset of up to ``max_shift`` pixels each way. It rolls, so the
+    image's border must be uniform (air, a neutral surround) for rolling to be shifting."""
+    dy, dx = (int(d) for d in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
+    return torch.roll(x, (dy, dx), dims=(-2, -1))
+
+
+def exposure(
+    x: torch.Tensor, generator: torch.Generator, spread: float = 0.15, pivot: float = 0.0
+) -> torch.Tensor:
+    """Each image's contrast scaled about ``pivot`` by a random gain within ±``spread``/2, in [0, 1]."""
+    gain = 1.0 + spread * (torch.rand(len(x), 1, 1, 1, generator=generator) - 0.5)
+    return (pivot + (x - pivot) * gain).clamp(0.0, 1.0)
 
 
 def fit(
@@ -171,15 +209,17 @@ def median_ms(call: Callable[[], object], repeats: int = 7) -> float:
     return 1000.0 * float(np.median(times))
 
 
-def timings(model: Any, label_index: int) -> dict[str, float]:
-    """Milliseconds per image, batch 1: predict, and Grad-CAM by every method the runtime offers for
-    this model (``gradient`` always, ``cam`` where the head is global average pooling + linear)."""
+def timings(model: Any, label_index: int, repeats: int = 7) -> dict[str, float]:
+    """Milliseconds per image, batch 1, medians of ``repeats`` runs: predict, and Grad-CAM by every
+    method the runtime offers for this model (``gradient`` where it has gradients, ``cam`` where the
+    head is global average pooling + linear)."""
     x = np.random.default_rng(0).random(
         (1, model.manifest.input.channels, *model.input_size), dtype=np.float32
     )
-    out = {"predict_ms": median_ms(lambda: model.predict(x))}
+    out = {"predict_ms": median_ms(lambda: model.predict(x), repeats)}
     for method in model.explain_methods:
-        out[f"explain_{method}_ms"] = median_ms(partial(model.explain, x, label_index, method=method))
+        explain = partial(model.explain, x, label_index, method=method)
+        out[f"explain_{method}_ms"] = median_ms(explain, repeats)
     return out
 
 

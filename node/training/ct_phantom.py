@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import cv2
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
+
+from node.training.demo_dicom import base_dataset, uid
 
 BLEED_KINDS = ("epidural", "subdural", "intraparenchymal")
 FIELD_OF_VIEW_MM = 250.0
@@ -264,43 +265,30 @@ def head_ct_volume(
     return positions, [render(head, float(z), size, rng, bleed) for z in levels]
 
 
-def _series_dataset(
-    phantom: Phantom, position_mm: float, number: int, uids: dict[str, str], size: int, when: datetime
-) -> Dataset:
+def _series_dataset(phantom: Phantom, position_mm: float, number: int, key: str, size: int) -> Dataset:
     spacing = FIELD_OF_VIEW_MM / size
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = base_dataset(
+        key,
+        CTImageStorage,
+        "CT",
+        study="CT HEAD WITHOUT CONTRAST",
+        series="Head 5mm axial",
+        body_part="HEAD",
+        instance=number,
+    )
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = uids[f"sop{number}"]
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = when.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = when.strftime("%H%M%S")
-    ds.AccessionNumber = uids["accession"]
-    ds.Modality = "CT"
-    ds.Manufacturer = "AI node project"
+    ds.AcquisitionDate, ds.AcquisitionTime = ds.ContentDate, ds.ContentTime
     ds.ManufacturerModelName = "Head CT phantom"
-    ds.InstitutionName = "Synthetic"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "CT HEAD WITHOUT CONTRAST"
-    ds.SeriesDescription = "Head 5mm axial (synthetic phantom)"
     ds.PatientName = "PHANTOM^HEAD"
-    ds.PatientID = uids["patient"]
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.BodyPartExamined = "HEAD"
     ds.SliceThickness = f"{SLICE_THICKNESS_MM:.1f}"
     ds.KVP = "120"
     ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = uids["study"]
-    ds.SeriesInstanceUID = uids["series"]
-    ds.StudyID = "1"
     ds.SeriesNumber = 2
     ds.AcquisitionNumber = 1
-    ds.InstanceNumber = number
     origin = -FIELD_OF_VIEW_MM / 2 + spacing / 2
     ds.ImagePositionPatient = [f"{origin:.4f}", f"{origin:.4f}", f"{position_mm:.2f}"]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.FrameOfReferenceUID = uids["frame"]
+    ds.FrameOfReferenceUID = uid(key, "frame")
     ds.PositionReferenceIndicator = ""
     ds.SliceLocation = f"{position_mm:.2f}"
     ds.SamplesPerPixel = 1
@@ -318,11 +306,6 @@ def _series_dataset(
     ds.RescaleType = "HU"
     stored = np.rint(phantom.hu + STORED_OFFSET).clip(-32768, 32767).astype("<i2")
     ds.PixelData = stored.tobytes()
-
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
 
@@ -330,13 +313,8 @@ def head_ct_series(n_slices: int = 30, *, hemorrhage: bool, seed: int, size: int
     """One synthetic non-contrast head CT series as CT Image Storage datasets, skull base first; the
     same seed gives the same series, UIDs included."""
     positions, phantoms = head_ct_volume(n_slices, hemorrhage, seed, size)
-    keys = ["study", "series", "frame"] + [f"sop{i + 1}" for i in range(n_slices)]
-    uids = {key: str(generate_uid(entropy_srcs=["ct-phantom", str(seed), key])) for key in keys}
-    uids["patient"] = f"PHANTOM{seed:06d}"
-    uids["accession"] = f"PH{seed:08d}"[:16]
-    when = datetime(2024, 1, 1, 8, 0, 0)
     return [
-        _series_dataset(phantom, position, index + 1, uids, size, when)
+        _series_dataset(phantom, position, index + 1, f"head-ct-{seed}", size)
         for index, (position, phantom) in enumerate(zip(positions, phantoms, strict=True))
     ]
 

@@ -1,4 +1,5 @@
-"""Synthetic single-image DICOM instances for the demo tasks: radiographs and colour photographs.
+"""Synthetic DICOM instances for the demo tasks: the attributes every instance shares
+(:func:`base_dataset`, which the head-CT series builds on too), radiographs and colour photographs.
 
 A phantom module renders pixels with known ground truth; these builders wrap them in a complete
 instance of the matching IOD (checked with dciodvfy) as a modality would send it, so demo studies
@@ -23,7 +24,8 @@ from pydicom.uid import (
 WHEN = datetime(2024, 1, 1, 9, 0, 0)
 
 
-def _uid(key: str, part: str) -> str:
+def uid(key: str, part: str) -> str:
+    """The UID of ``part`` (study, series, sop1 …) of the synthetic instance or series named ``key``."""
     return str(generate_uid(entropy_srcs=["ainode-demo", key, part]))
 
 
@@ -34,9 +36,10 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def base_dataset(
-    key: str, sop_class_uid: UID, modality: str, *, study: str, series: str, body_part: str
+    key: str, sop_class_uid: UID, modality: str, *, study: str, series: str, body_part: str, instance: int = 1
 ) -> Dataset:
-    """Patient, study, series, equipment and SOP attributes of a synthetic patient named by ``key``."""
+    """Patient, study, series, equipment and SOP attributes of instance ``instance`` of the synthetic
+    series named by ``key``."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
@@ -44,25 +47,25 @@ def base_dataset(
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class_uid
-    ds.SOPInstanceUID = _uid(key, "sop")
+    ds.SOPInstanceUID = uid(key, f"sop{instance}")
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.PatientName = "PHANTOM^DEMO"
-    ds.PatientID = "PH" + _uid(key, "patient")[-10:]
+    ds.PatientID = "PH" + uid(key, "patient")[-10:]
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
-    ds.StudyInstanceUID = _uid(key, "study")
-    ds.SeriesInstanceUID = _uid(key, "series")
+    ds.StudyInstanceUID = uid(key, "study")
+    ds.SeriesInstanceUID = uid(key, "series")
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = WHEN.strftime("%Y%m%d")
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = WHEN.strftime("%H%M%S")
     ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
-    ds.AccessionNumber = "PH" + _uid(key, "accession")[-12:]
+    ds.AccessionNumber = "PH" + uid(key, "accession")[-12:]
     ds.StudyDescription = study
     ds.SeriesDescription = f"{series} (synthetic phantom)"
     ds.Modality = modality
     ds.BodyPartExamined = body_part
     ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
+    ds.InstanceNumber = instance
     ds.Manufacturer = "AI node project"
     ds.ManufacturerModelName = "Synthetic phantom"
     ds.InstitutionName = "Synthetic"

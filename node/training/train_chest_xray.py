@@ -110,12 +110,8 @@ def augment(
     """Mirror images at random, shift each batch and vary its contrast a little. A mirrored chest has
     its heart on the right (dextrocardia), but every finding keeps its label; a network that meets both
     sides cannot tie a finding to its contralateral lung, which kept Grad-CAM off atelectasis."""
-    mirror = (torch.rand(len(x), generator=generator) < 0.5)[:, None, None, None]
-    x = torch.where(mirror, x.flip(-1), x)
-    dy, dx = (int(d) for d in torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (2,), generator=generator))
-    x = torch.roll(x, (dy, dx), dims=(-2, -1))
-    gain = 1.0 + 0.15 * (torch.rand(len(x), 1, 1, 1, generator=generator) - 0.5)
-    return (0.5 + (x - 0.5) * gain).clamp(0.0, 1.0), y
+    x, y = common.reorient(x, y, generator, ("mirror",))
+    return common.exposure(common.shift(x, generator, MAX_SHIFT), generator, pivot=0.5), y
 
 
 def pointing_game(model: PackagedModel, cases: Sequence[Case], tolerance_mm: float) -> dict[str, Any]:

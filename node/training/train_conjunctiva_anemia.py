@@ -137,8 +137,7 @@ def augment(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror at random: a left eye mirrored is a right eye. No vertical flips (the conjunctiva is
     always below the eye) and no colour jitter (colour is the signal; lighting is the handler's job)."""
-    mirror = (torch.rand(len(x), generator=generator) < 0.5)[:, None, None, None]
-    return torch.where(mirror, x.flip(-1), x), y
+    return common.reorient(x, y, generator, ("mirror",))
 
 
 def predict(model: Model, inputs: np.ndarray) -> np.ndarray:

@@ -78,12 +78,8 @@ def augment(
     """Mirror, transpose and shift slices at random. A bleed stays a bleed under all of these, and a
     network that meets every orientation cannot tie its evidence to one side of a lesion, which keeps
     Grad-CAM centred on it (with left-right mirroring alone the peak sat ~6 pixels above bleeds)."""
-    mirror, flip, transpose = (torch.rand(3, len(x), generator=generator) < 0.5)[:, :, None, None, None]
-    x = torch.where(mirror, x.flip(-1), x)
-    x = torch.where(flip, x.flip(-2), x)
-    x = torch.where(transpose, x.transpose(-1, -2), x)
-    dy, dx = (int(d) for d in torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (2,), generator=generator))
-    return torch.roll(x, (dy, dx), dims=(-2, -1)), y  # the border is air, so rolling is shifting
+    x, y = common.reorient(x, y, generator, ("mirror", "flip", "transpose"))
+    return common.shift(x, generator, MAX_SHIFT), y  # the border is air
 
 
 def network() -> ResNet:

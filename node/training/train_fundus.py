@@ -80,11 +80,8 @@ def augment(
     """Mirror, flip and shift at random. A mirrored right eye is a plausible left eye and the arcades
     are nearly symmetric above and below, so every lesion stays itself; a network that meets every
     orientation cannot tie its evidence to one side of a lesion, which keeps Grad-CAM on it."""
-    mirror, flip = (torch.rand(2, len(x), generator=generator) < 0.5)[:, :, None, None, None]
-    x = torch.where(mirror, x.flip(-1), x)
-    x = torch.where(flip, x.flip(-2), x)
-    dy, dx = (int(d) for d in torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (2,), generator=generator))
-    return torch.roll(x, (dy, dx), dims=(-2, -1)), y  # the border is neutral 0.5, so rolling is shifting
+    x, y = common.reorient(x, y, generator, ("mirror", "flip"))
+    return common.shift(x, generator, MAX_SHIFT), y  # the border is a neutral 0.5
 
 
 def network() -> ResNet:

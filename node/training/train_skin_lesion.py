@@ -85,12 +85,8 @@ def augment(
     """Mirror, flip and transpose at random (a lesion has no up or left), and vary exposure. A network
     that meets every orientation cannot tie its evidence to one side of a lesion, which keeps Grad-CAM
     on it — and lets the runtime average Grad-CAM over flips ([explain] flips)."""
-    mirror, flip, transpose = (torch.rand(3, len(x), generator=generator) < 0.5)[:, :, None, None, None]
-    x = torch.where(mirror, x.flip(-1), x)
-    x = torch.where(flip, x.flip(-2), x)
-    x = torch.where(transpose, x.transpose(-1, -2), x)
-    gain = 1.0 + 0.15 * (torch.rand(len(x), 1, 1, 1, generator=generator) - 0.5)
-    return (x * gain).clamp(0.0, 1.0), y
+    x, y = common.reorient(x, y, generator, ("mirror", "flip", "transpose"))
+    return common.exposure(x, generator), y
 
 
 def evaluate(model: PackagedModel, phantoms: Sequence[SkinPhantom]) -> dict[str, Any]:

@@ -67,13 +67,8 @@ def augment(
     x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror, flip and transpose image and mask together, and vary the image's exposure."""
-    for dims in ((-1,), (-2,)):
-        if bool(torch.rand(1, generator=generator) < 0.5):
-            x, y = x.flip(dims), y.flip(dims)
-    if bool(torch.rand(1, generator=generator) < 0.5):
-        x, y = x.transpose(-1, -2), y.transpose(-1, -2)
-    gain = 1.0 + 0.15 * (torch.rand(len(x), 1, 1, 1, generator=generator) - 0.5)
-    return (x * gain).clamp(0.0, 1.0), y
+    x, y = common.reorient(x, y, generator, ("mirror", "flip", "transpose"))
+    return common.exposure(x, generator), y
 
 
 def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
