@@ -16,7 +16,7 @@ from node.runtime import load_model
 from node.runtime.export import export_package
 from node.runtime.model import set_threads
 from node.runtime.package import discover
-from node.training.common import timings
+from training.common import timings
 
 
 def main() -> None:

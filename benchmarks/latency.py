@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pydicom
 
-from node.training.ct_phantom import write_head_ct_series
 from tests.peers import NodeProcess, OrthancServer, free_port, storescu, wait_for
 from tests.test_end_to_end import node_settings, wait_for_results
+from training.ct_phantom import write_head_ct_series
 
 STAGES = ("wait_stable", "queue", "process", "send", "last_instance_to_sent")
 

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from node.training.ct_phantom import write_head_ct_series
 from tests.peers import NodeProcess, dcmtk_env, free_port, storescu, wait_for
+from training.ct_phantom import write_head_ct_series
 
 
 def send_timed(port: int, files: list[Path], called: str) -> float:

@@ -1,9 +1,10 @@
 """The handler contract: a clinical task turns a series of source images into an :class:`Analysis`.
 
 A handler knows the clinical task — which images it can read, how to preprocess them, how per-image
-model outputs become a study-level finding with codes. It does not know about networking, the
-database or DICOM writing: the pipeline hands it datasets and a loaded model, and gives its Analysis
-to the results writers.
+model outputs become a study-level finding. It does not know about networking, the database or DICOM
+writing: the job hands it datasets and loaded models, and gives its Analysis to the output writers,
+which need nothing else. What a model's labels mean (their codes) is the model package's word, read
+from its manifest.
 """
 
 from __future__ import annotations
@@ -11,20 +12,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, Self
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydicom import Dataset
+from pydicom.sr.coding import Code
 
-
-@dataclass(frozen=True)
-class Code:
-    """A coded concept (SNOMED CT "SCT", RadLex "RADLEX", DICOM "DCM")."""
-
-    value: str
-    scheme: str
-    meaning: str
+__all__ = ["Analysis", "Code", "Explanation", "Finding", "Handler", "Location", "Mask", "Model"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +33,16 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class Location:
+    """Where on one source image a finding shows most, in that image's pixels (row, column)."""
+
+    source: Dataset
+    row: float
+    column: float
+    label: str
+
+
+@dataclass(frozen=True)
 class Explanation:
     """One source image a finding rests on, with the Grad-CAM heatmap over it."""
 
@@ -46,6 +51,31 @@ class Explanation:
     heatmap: np.ndarray  # (H, W) float32 in [0, 1], same H and W as image; 1 = strong evidence
     probability: float  # the probability of the explained label on this image
     label: str  # human-readable name of the explained label
+    # (top, left, height, width) of the source pixels that ``image`` shows, scaled to its size; None:
+    # the whole source image.
+    region: tuple[int, int, int, int] | None = None
+
+    @property
+    def location(self) -> Location | None:
+        """The heatmap's peak, on the source image; None for a heatmap without any heat."""
+        if not float(self.heatmap.max()) > 0.0:
+            return None
+        top, left, height, width = self.region or (0, 0, int(self.source.Rows), int(self.source.Columns))
+        row, column = np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape)
+        scale_y, scale_x = height / self.heatmap.shape[0], width / self.heatmap.shape[1]
+        return Location(
+            self.source, top + (row + 0.5) * scale_y - 0.5, left + (column + 0.5) * scale_x - 0.5, self.label
+        )
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A segmented region of one source image, in that image's pixels: what a DICOM SEG carries."""
+
+    source: Dataset
+    pixels: np.ndarray  # (rows, columns) bool, the source's size
+    concept: Code
+    label: str
 
 
 @dataclass(frozen=True)
@@ -59,6 +89,7 @@ class Analysis:
     summary: str = ""  # one sentence a radiologist reads first
     not_analysed_reason: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)  # per-image figures for the API/audit
+    masks: Sequence[Mask] = ()
 
     @classmethod
     def not_analysed(cls, task: str, sources: Sequence[Dataset], reason: str) -> Analysis:
@@ -69,27 +100,70 @@ class Analysis:
     def analysed(self) -> bool:
         return self.not_analysed_reason is None
 
+    @property
+    def locations(self) -> list[Location]:
+        """Where each explained finding shows most, one per explanation."""
+        return [place for e in self.explanations if (place := e.location) is not None]
+
     def __post_init__(self) -> None:
-        if self.not_analysed_reason is not None and (self.findings or self.explanations):
+        if self.not_analysed_reason is not None and (self.findings or self.explanations or self.masks):
             raise ValueError("an image that was not analysed cannot carry findings")
         if self.not_analysed_reason is None and not self.findings:
             raise ValueError("an analysed series must carry at least one finding")
 
+    def record(self) -> dict[str, Any]:
+        """What the job table keeps of the answer (JSON): the findings, where they show, the masks."""
+        return {
+            "analysed": self.analysed,
+            "not_analysed_reason": self.not_analysed_reason,
+            "findings": [
+                {
+                    "code": f.concept.value,
+                    "scheme": f.concept.scheme_designator,
+                    "meaning": f.concept.meaning,
+                    "present": f.present,
+                    "probability": round(float(f.probability), 4),
+                    "threshold": f.threshold,
+                }
+                for f in self.findings
+            ],
+            "locations": [
+                {
+                    "sop_uid": str(place.source.SOPInstanceUID),
+                    "label": place.label,
+                    "row": round(place.row, 1),
+                    "column": round(place.column, 1),
+                }
+                for place in self.locations
+            ],
+            "masks": [
+                {
+                    "sop_uid": str(mask.source.SOPInstanceUID),
+                    "label": mask.label,
+                    "pixels": int(mask.pixels.sum()),
+                }
+                for mask in self.masks
+            ],
+        }
 
-OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
+class TaskOptions(BaseModel):
+    """A handler's task parameters: the model manifest's ``[options]`` overlaid with a route's."""
 
-def validate_options(schema: type[OptionsT], options: Mapping[str, Any], handler: str) -> OptionsT:
-    """A handler's options (the manifest's ``[options]`` overlaid with a route's) checked against its
-    schema; the ValueError names each bad option, so a route's author can fix it."""
-    try:
-        return schema.model_validate(dict(options))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"option {'.'.join(str(part) for part in error['loc'])!r}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise ValueError(f"{handler}: {problems}") from exc
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any], handler: str) -> Self:
+        """The options checked against the schema; the ValueError names each bad option, so a route's
+        author can fix it."""
+        try:
+            return cls.model_validate(dict(options))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"option {'.'.join(str(part) for part in error['loc'])!r}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise ValueError(f"{handler}: {problems}") from exc
 
 
 class Model(Protocol):
@@ -97,6 +171,11 @@ class Model(Protocol):
 
     @property
     def labels(self) -> Sequence[str]: ...
+
+    @property
+    def codes(self) -> Mapping[str, Code]:
+        """The coded concept each label stands for, as the package's manifest states it."""
+        ...
 
     @property
     def thresholds(self) -> Mapping[str, float]:
@@ -122,6 +201,12 @@ class SegmentationModel(Protocol):
     def labels(self) -> Sequence[str]: ...
 
     @property
+    def codes(self) -> Mapping[str, Code]: ...
+
+    @property
+    def thresholds(self) -> Mapping[str, float]: ...
+
+    @property
     def input_size(self) -> tuple[int, int]: ...
 
     def segment(self, batch: np.ndarray) -> np.ndarray:
@@ -129,48 +214,71 @@ class SegmentationModel(Protocol):
         ...
 
 
-def rgb8(ds: Dataset) -> np.ndarray:
-    """A colour photograph as (H, W, 3) uint8 RGB (pydicom converts YBR colour spaces to RGB); more
-    than 8 bits stored are scaled down, not clipped."""
-    pixels = ds.pixel_array
-    bits = int(ds.get("BitsStored", 8))
-    if bits > 8:
-        pixels = np.rint(pixels.astype(np.float32) * (255.0 / (2**bits - 1)))
-    return np.clip(pixels, 0, 255).astype(np.uint8)
-
-
 DEFAULT_THRESHOLD = 0.5  # a label's decision threshold where neither the route nor the manifest sets one
 
 
-def label_indices(handler: str, model: Model, labels: Sequence[str]) -> dict[str, int]:
-    """Where each label ``handler`` reads sits in the model's outputs; a model lacking one is refused
-    (a route pointing a handler at the wrong model fails loudly, not with shuffled findings)."""
+@dataclass(frozen=True)
+class Labels:
+    """What a handler needs to know of the model's labels it uses."""
+
+    index: dict[str, int]  # where each label sits in the model's outputs
+    code: dict[str, Code]  # the concept each reported label stands for, from the manifest
+    threshold: dict[str, float]  # each reported label's decision threshold
+
+
+def model_labels(
+    handler: str,
+    model: Model | SegmentationModel,
+    reported: Sequence[str],
+    threshold: float | Mapping[str, float] | None = None,
+    read: Sequence[str] = (),
+) -> Labels:
+    """The ``reported`` labels (findings with codes) and the other labels ``read``, looked up in the
+    model. A model lacking one is refused, and so is a manifest that leaves a reported label
+    uncoded: a route pointing a handler at the wrong model fails loudly, never with shuffled or
+    unnamed findings. A threshold is the route's (``threshold``: one for all labels, or per label),
+    else the manifest's, else DEFAULT_THRESHOLD."""
     names = list(model.labels)
-    missing = [label for label in labels if label not in names]
+    missing = [label for label in (*read, *reported) if label not in names]
     if missing:
-        raise ValueError(f"{handler} needs a model with labels {list(labels)}, missing {missing}")
-    return {label: names.index(label) for label in labels}
-
-
-def thresholds(
-    model: Model, labels: Sequence[str], override: float | Mapping[str, float] | None
-) -> dict[str, float]:
-    """Each label's decision threshold: the route's option (one value for all labels, or per label),
-    else the package manifest's, else DEFAULT_THRESHOLD."""
+        raise ValueError(f"{handler} needs a model with labels {[*read, *reported]}, missing {missing}")
+    uncoded = [label for label in reported if label not in model.codes]
+    if uncoded:
+        raise ValueError(f"{handler}: the model's manifest gives no code for labels {uncoded}")
     routed: Mapping[str, float | None] = (
-        override if isinstance(override, Mapping) else dict.fromkeys(labels, override)
+        threshold if isinstance(threshold, Mapping) else dict.fromkeys(reported, threshold)
     )
-    chosen = {label: routed.get(label) for label in labels}
-    return {
-        label: float(model.thresholds.get(label, DEFAULT_THRESHOLD)) if value is None else float(value)
-        for label, value in chosen.items()
-    }
+    chosen = {label: routed.get(label) for label in reported}
+    return Labels(
+        index={label: names.index(label) for label in (*read, *reported)},
+        code={label: model.codes[label] for label in reported},
+        threshold={
+            label: float(model.thresholds.get(label, DEFAULT_THRESHOLD)) if value is None else float(value)
+            for label, value in chosen.items()
+        },
+    )
+
+
+Task = Literal["classification", "segmentation"]
 
 
 class Handler(ABC):
-    """One clinical task. Subclasses set ``name`` and implement :meth:`analyse`."""
+    """One clinical task. Subclasses set ``name`` and implement :meth:`analyse`.
+
+    ``companion_roles`` names the further models a task can use besides its main one, by role, with
+    the manifest task each must have (e.g. a segmentation model that outlines what the classifier
+    names); a route supplies them in its ``models`` table and the handler finds them, loaded, in
+    ``self.companions``."""
 
     name: ClassVar[str]
+    companion_roles: ClassVar[Mapping[str, Task]] = {}
+
+    def __init__(self, companions: Mapping[str, Any] | None = None) -> None:
+        unknown = sorted(set(companions or {}) - set(self.companion_roles))
+        if unknown:
+            roles = list(self.companion_roles)
+            raise ValueError(f"{self.name} takes no companion model {unknown}; its roles: {roles}")
+        self.companions: Mapping[str, Any] = dict(companions or {})
 
     @abstractmethod
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:

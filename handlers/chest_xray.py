@@ -16,38 +16,21 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from pydicom import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
 )
 
-from handlers.base import (
-    Analysis,
-    Code,
-    Explanation,
-    Finding,
-    Handler,
-    Model,
-    label_indices,
-    thresholds,
-    validate_options,
-)
+from handlers.base import Analysis, Explanation, Finding, Handler, Model, TaskOptions, model_labels
+from node.dicom.display import display_pixels
 
 TASK = "Pediatric chest X-ray findings"
 NORMAL_LABEL = "normal"
-# The model's outputs besides "normal", with the concept each stands for in results.
-FINDINGS: dict[str, Code] = {
-    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
-    "pleural_effusion": Code("60046008", "SCT", "Pleural effusion"),
-    "pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
-    "cardiomegaly": Code("8186001", "SCT", "Cardiomegaly"),
-    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
-    "nodule": Code("427359005", "SCT", "Solitary nodule of lung"),
-}
+# The model's outputs besides "normal": one coded finding each (the codes are the manifest's).
+FINDINGS = ("pneumonia", "pleural_effusion", "pneumothorax", "cardiomegaly", "atelectasis", "nodule")
 UNILATERAL = ("pneumonia", "pleural_effusion", "pneumothorax", "atelectasis", "nodule")
 RADIOGRAPHY = ("CR", "DX")
 SOP_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation)
@@ -57,11 +40,7 @@ LUNG_AREA = 0.04  # of the image: the smallest enclosed dark region taken for a 
 LUNG_CONTRAST = 0.2  # of the display range: aerated lung against the tissue around it
 
 
-class Options(BaseModel):
-    """Task parameters: the manifest's ``[options]`` overlaid with a route's."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Options(TaskOptions):
     clahe_clip_limit: float = Field(default=2.0, gt=0.0)
     clahe_tiles: int = Field(default=8, ge=1, le=64)
     thresholds: dict[str, float] = Field(default_factory=dict)  # per finding, overriding the manifest's
@@ -80,7 +59,7 @@ class Options(BaseModel):
 
 
 def parse_options(options: Mapping[str, Any]) -> Options:
-    return validate_options(Options, options, "chest_xray")
+    return Options.parse(options, "chest_xray")
 
 
 def clahe(image: np.ndarray, clip_limit: float, tiles: int) -> np.ndarray:
@@ -99,42 +78,6 @@ def preprocess(
     height, width = size
     small = cv2.resize(image.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
     return (clahe(small, clip_limit, tiles).astype(np.float32) / 255.0)[None]
-
-
-def display_pixels(ds: Dataset) -> np.ndarray:
-    """Stored pixels → (H, W) float32 in [0, 1] as a viewer shows them, bone white: the Modality LUT
-    (rescale), the first VOI (LUT or window; the full range when there is none), then inversion for
-    MONOCHROME1."""
-    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
-    voi = ds.get("VOILUTSequence")
-    if voi and "LUTDescriptor" in voi[0] and "LUTData" in voi[0]:
-        depth = int(voi[0].LUTDescriptor[2])
-        shown = apply_voi(np.rint(values).astype(np.int64), ds).astype(np.float64) / (2.0**depth - 1.0)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        shown = _window(values, ds)
-    else:
-        low, high = np.percentile(values, [0.5, 99.5])
-        shown = (values - low) / max(float(high - low), 1e-6)
-    shown = np.clip(shown, 0.0, 1.0)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        shown = 1.0 - shown
-    return shown.astype(np.float32)
-
-
-def _first(value: Any) -> float:
-    """The first of a multi-valued number (several windows may be offered; the first is the default)."""
-    return float(value[0]) if isinstance(value, Sequence) and not isinstance(value, str) else float(value)
-
-
-def _window(values: np.ndarray, ds: Dataset) -> np.ndarray:
-    """PS3.3 C.11.2.1.2: the LINEAR, LINEAR_EXACT or SIGMOID VOI LUT function, onto [0, 1]."""
-    centre, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
-    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
-    if function == "LINEAR_EXACT":
-        return (values - (centre - width / 2.0)) / width
-    return (values - (centre - 0.5)) / max(width - 1.0, 1.0) + 0.5
 
 
 def looks_like_chest(image: np.ndarray) -> bool:
@@ -205,8 +148,8 @@ class ChestXRayHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        columns = label_indices(self.name, model, [NORMAL_LABEL, *FINDINGS])
-        cutoffs = thresholds(model, list(FINDINGS), opts.thresholds)
+        labels = model_labels(self.name, model, FINDINGS, opts.thresholds, read=[NORMAL_LABEL])
+        columns, codes, cutoffs = labels.index, labels.code, labels.threshold
 
         refusals = [_refusal(ds, opts) for ds in datasets]
         usable = [ds for ds, reason in zip(datasets, refusals, strict=True) if reason is None]
@@ -240,7 +183,7 @@ class ChestXRayHandler(Handler):
         study = {name: float(probabilities[:, columns[name]].max()) for name in FINDINGS}
         findings = [
             Finding(code, study[name] >= cutoffs[name], study[name], float(cutoffs[name]))
-            for name, code in FINDINGS.items()
+            for name, code in codes.items()
         ]
         called = sorted((name for name in FINDINGS if study[name] >= cutoffs[name]), key=lambda n: -study[n])
         # Every result is explained: the findings called, or else the most likely one, faintly.
@@ -252,7 +195,9 @@ class ChestXRayHandler(Handler):
             index = columns[name]
             best = int(probabilities[:, index].argmax())
             probability = float(probabilities[best, index])
-            explanation = _explain(model, batch[best], index, usable[best], images[best], probability, opts)
+            explanation = _explain(
+                model, batch[best], index, usable[best], images[best], probability, codes[name].meaning, opts
+            )
             sides[name] = side(usable[best], explanation.heatmap)
             if name not in called:  # scaled by the probability, so an unconvincing overlay stays faint
                 explanation = replace(explanation, heatmap=explanation.heatmap * np.float32(study[name]))
@@ -261,7 +206,7 @@ class ChestXRayHandler(Handler):
         normal = float(probabilities[:, columns[NORMAL_LABEL]].min())
         if called:
             parts = [
-                f"{FINDINGS[name].meaning.lower()}"
+                f"{codes[name].meaning.lower()}"
                 + (f", {sides[name]}" if name in UNILATERAL and sides.get(name) else "")
                 + f" (p={study[name]:.2f})"
                 for name in called
@@ -271,7 +216,7 @@ class ChestXRayHandler(Handler):
             top = max(study, key=study.__getitem__)
             summary = (
                 f"No finding above threshold (normal p={normal:.2f}; most likely "
-                f"{FINDINGS[top].meaning.lower()}, p={study[top]:.2f})."
+                f"{codes[top].meaning.lower()}, p={study[top]:.2f})."
             )
         return Analysis(
             task=TASK,
@@ -299,6 +244,7 @@ def _explain(
     source: Dataset,
     image: np.ndarray,
     probability: float,
+    label: str,
     opts: Options,
 ) -> Explanation:
     """Grad-CAM of label ``index`` over the image as shown (CLAHE, at most DISPLAY_MAX pixels a side)."""
@@ -311,7 +257,7 @@ def _explain(
         image=np.repeat(clahe(shown, opts.clahe_clip_limit, opts.clahe_tiles)[:, :, None], 3, axis=2),
         heatmap=heatmap,
         probability=probability,
-        label=FINDINGS[model.labels[index]].meaning,
+        label=label,
     )
 
 

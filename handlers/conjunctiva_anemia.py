@@ -22,23 +22,12 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from pydicom import Dataset
 
-from handlers.base import (
-    Analysis,
-    Code,
-    Explanation,
-    Finding,
-    Handler,
-    Model,
-    label_indices,
-    thresholds,
-    validate_options,
-)
+from handlers.base import Analysis, Explanation, Finding, Handler, Model, TaskOptions, model_labels
 
 TASK = "Conjunctival pallor (anemia) screening"
-ANEMIA = Code("271737000", "SCT", "Anemia")
 ANEMIC_LABEL = "anemic"  # the model output this handler reads
 MODALITIES = ("XC", "OP")  # external-camera (VL Photographic) and ophthalmic photography
 PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422")  # pydicom decodes the YBR ones to RGB
@@ -60,18 +49,14 @@ CROP_DROP = 0.12  # of the sclera's width: the crop centre sits below the sclera
 BATCH = 16
 
 
-class Options(BaseModel):
-    """Task parameters: the manifest's ``[options]`` overlaid with a route's."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Options(TaskOptions):
     threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     retake_margin: float = Field(default=0.1, ge=0.0, lt=0.5)  # |p - threshold| below this: unsure
     explain_images: int = Field(default=2, ge=0, le=10)
 
 
 def parse_options(options: Mapping[str, Any]) -> Options:
-    return validate_options(Options, options, "conjunctiva_anemia")
+    return Options.parse(options, "conjunctiva_anemia")
 
 
 class NotAnalysable(ValueError):
@@ -275,8 +260,9 @@ class ConjunctivaAnemiaHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        label_index = label_indices(self.name, model, [ANEMIC_LABEL])[ANEMIC_LABEL]
-        threshold = thresholds(model, [ANEMIC_LABEL], opts.threshold)[ANEMIC_LABEL]
+        labels = model_labels(self.name, model, [ANEMIC_LABEL], opts.threshold)
+        label_index = labels.index[ANEMIC_LABEL]
+        anemia, threshold = labels.code[ANEMIC_LABEL], labels.threshold[ANEMIC_LABEL]
 
         usable: list[tuple[Dataset, Prepared]] = []
         refused: dict[str, str] = {}
@@ -316,7 +302,7 @@ class ConjunctivaAnemiaHandler(Handler):
                         heatmap=source_heatmap(heatmap, prepared.box, prepared.sclera.shape)
                         * np.float32(image_probability),
                         probability=image_probability,
-                        label=ANEMIA.meaning,
+                        label=anemia.meaning,
                     )
                 )
 
@@ -330,7 +316,7 @@ class ConjunctivaAnemiaHandler(Handler):
         return Analysis(
             task=TASK,
             sources=list(datasets),
-            findings=[Finding(ANEMIA, bool(present), probability, float(threshold))],
+            findings=[Finding(anemia, bool(present), probability, float(threshold))],
             explanations=explanations,
             summary=summary,
             details={

@@ -14,23 +14,12 @@ from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from pydicom import Dataset
 
-from handlers.base import (
-    Analysis,
-    Code,
-    Explanation,
-    Finding,
-    Handler,
-    Model,
-    label_indices,
-    thresholds,
-    validate_options,
-)
+from handlers.base import Analysis, Explanation, Finding, Handler, Model, TaskOptions, model_labels
 
 TASK = "Head CT hemorrhage detection"
-HEMORRHAGE = Code("1386000", "SCT", "Intracranial hemorrhage")
 HEMORRHAGE_LABEL = "hemorrhage"  # the model output this handler reads
 # (centre, width) in HU: brain, subdural, bone — the prototype's window levelling, one per channel.
 DEFAULT_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
@@ -41,11 +30,7 @@ REGION_MARGIN = 0.15  # of the head's half-width: closer to the centre than this
 BATCH = 16
 
 
-class Options(BaseModel):
-    """Task parameters: the manifest's ``[options]`` overlaid with a route's."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Options(TaskOptions):
     windows: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] = DEFAULT_WINDOWS
     aggregation: Literal["max", "top_k_mean"] = "max"
     top_k: int = Field(default=3, ge=1)
@@ -62,7 +47,7 @@ class Options(BaseModel):
 
 
 def parse_options(options: Mapping[str, Any]) -> Options:
-    return validate_options(Options, options, "ct_hemorrhage")
+    return Options.parse(options, "ct_hemorrhage")
 
 
 def window(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -196,8 +181,9 @@ class CTHemorrhageHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        label_index = label_indices(self.name, model, [HEMORRHAGE_LABEL])[HEMORRHAGE_LABEL]
-        threshold = thresholds(model, [HEMORRHAGE_LABEL], opts.threshold)[HEMORRHAGE_LABEL]
+        labels = model_labels(self.name, model, [HEMORRHAGE_LABEL], opts.threshold)
+        label_index = labels.index[HEMORRHAGE_LABEL]
+        hemorrhage, threshold = labels.code[HEMORRHAGE_LABEL], labels.threshold[HEMORRHAGE_LABEL]
 
         modalities = sorted({str(ds.get("Modality", "")) or "none" for ds in datasets})
         if modalities != ["CT"]:
@@ -257,7 +243,7 @@ class CTHemorrhageHandler(Handler):
                         # keeps a negative slice's overlay faint instead of showing a confident hot spot.
                         heatmap=source_heatmap(heatmap, hu) * np.float32(slice_probability),
                         probability=slice_probability,
-                        label=HEMORRHAGE.meaning,
+                        label=hemorrhage.meaning,
                     )
                 )
 
@@ -272,7 +258,7 @@ class CTHemorrhageHandler(Handler):
         return Analysis(
             task=TASK,
             sources=slices,
-            findings=[Finding(HEMORRHAGE, bool(present), probability, float(threshold))],
+            findings=[Finding(hemorrhage, bool(present), probability, float(threshold))],
             explanations=explanations,
             summary=summary,
             details={

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from pydicom import Dataset
 from pydicom.uid import (
     OphthalmicPhotography8BitImageStorage,
@@ -26,27 +26,14 @@ from pydicom.uid import (
     WideFieldOphthalmicPhotographyStereographicProjectionImageStorage,
 )
 
-from handlers.base import (
-    Analysis,
-    Code,
-    Explanation,
-    Finding,
-    Handler,
-    Model,
-    label_indices,
-    rgb8,
-    thresholds,
-    validate_options,
-)
+from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, TaskOptions, model_labels
+from node.dicom.attributes import laterality
+from node.dicom.display import rgb8
 
 TASK = "Fundus photograph screening"
 NORMAL_LABEL = "normal"
-# Model label → the coded condition it reports; "normal" has no code and no finding of its own.
-CONDITIONS: dict[str, Code] = {
-    "diabetic_retinopathy": Code("4855003", "SCT", "Diabetic retinopathy"),
-    "macular_degeneration": Code("267718000", "SCT", "Age-related macular degeneration"),
-    "branch_vein_occlusion": Code("24596005", "SCT", "Venous retinal branch occlusion"),
-}
+# The model's labels that report a coded condition; "normal" has no finding of its own.
+CONDITIONS = ("diabetic_retinopathy", "macular_degeneration", "branch_vein_occlusion")
 MODALITIES = ("OP", "XC")  # ophthalmic photography; external-camera (VL Photographic) fundus images
 OPHTHALMIC_SOP_CLASSES = {
     OphthalmicPhotography8BitImageStorage,
@@ -63,11 +50,7 @@ BATCH = 16
 AGGREGATE: dict[str, Callable[[np.ndarray], Any]] = {"mean": np.mean, "max": np.max}  # photographs of one eye
 
 
-class Options(BaseModel):
-    """Task parameters: the manifest's ``[options]`` overlaid with a route's."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Options(TaskOptions):
     threshold: float | None = Field(default=None, gt=0.0, lt=1.0)  # for every condition, over the manifest
     aggregation: Literal["mean", "max"] = "mean"  # over several photographs of the same eye
     explain: bool = True
@@ -75,7 +58,7 @@ class Options(BaseModel):
 
 
 def parse_options(options: Mapping[str, Any]) -> Options:
-    return validate_options(Options, options, "fundus")
+    return Options.parse(options, "fundus")
 
 
 class NoFieldOfView(ValueError):
@@ -195,15 +178,6 @@ def source_heatmap(heatmap: np.ndarray, fov: FieldOfView) -> np.ndarray:
     return np.clip(out / peak if peak > 0 else out, 0.0, 1.0).astype(np.float32)
 
 
-def laterality(ds: Dataset) -> str | None:
-    """ "R" or "L" from Image Laterality, else the series' Laterality; None when neither says."""
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = str(ds.get(keyword, "") or "").strip().upper()
-        if value in ("R", "L"):
-            return value
-    return None
-
-
 def refusal(ds: Dataset) -> str | None:
     """Why this instance is not a colour photograph of the eye, or None when it is one."""
     modality = str(ds.get("Modality", "")) or "none"
@@ -253,17 +227,18 @@ def _read(datasets: Sequence[Dataset], min_brightness: float) -> tuple[list[_Pho
     return photos, set_aside
 
 
-def _eye_sentence(eye: str, probabilities: Mapping[str, float], cutoffs: Mapping[str, float]) -> str:
+def _eye_sentence(
+    eye: str, probabilities: Mapping[str, float], cutoffs: Mapping[str, float], codes: Mapping[str, Code]
+) -> str:
     present = [label for label in CONDITIONS if probabilities[label] >= cutoffs[label]]
     if present:
         calls = " and ".join(
-            f"{CONDITIONS[label].meaning.lower()} "
-            f"(p={probabilities[label]:.2f}, threshold {cutoffs[label]:.2f})"
+            f"{codes[label].meaning.lower()} (p={probabilities[label]:.2f}, threshold {cutoffs[label]:.2f})"
             for label in present
         )
         return f"{eye}: {calls} suspected"
     top = max(CONDITIONS, key=lambda label: probabilities[label])
-    highest = f"{CONDITIONS[top].meaning.lower()}, p={probabilities[top]:.2f}"
+    highest = f"{codes[top].meaning.lower()}, p={probabilities[top]:.2f}"
     return f"{eye}: no condition detected (highest {highest})"
 
 
@@ -272,8 +247,8 @@ class FundusHandler(Handler):
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        columns = label_indices(self.name, model, [NORMAL_LABEL, *CONDITIONS])
-        cutoffs = thresholds(model, list(CONDITIONS), opts.threshold)
+        labels = model_labels(self.name, model, CONDITIONS, opts.threshold, read=[NORMAL_LABEL])
+        columns, codes, cutoffs = labels.index, labels.code, labels.threshold
 
         photos, set_aside = _read(datasets, opts.min_brightness)
         if not photos:
@@ -296,7 +271,7 @@ class FundusHandler(Handler):
         worst = {label: max(per_eye[eye][label] for eye in eyes) for label in CONDITIONS}  # per patient
         findings = [
             Finding(code, worst[label] >= cutoffs[label], worst[label], float(cutoffs[label]))
-            for label, code in CONDITIONS.items()
+            for label, code in codes.items()
         ]
 
         explanations: list[Explanation] = []
@@ -306,7 +281,7 @@ class FundusHandler(Handler):
                 index = max(members[eye], key=lambda i: float(probabilities[i, columns[label]]))
                 photo, probability = photos[index], float(probabilities[index, columns[label]])
                 heatmap = model.explain(batch[index : index + 1], columns[label])[0]
-                meaning = CONDITIONS[label].meaning
+                meaning = codes[label].meaning
                 explanations.append(
                     Explanation(
                         source=photo.source,
@@ -321,7 +296,7 @@ class FundusHandler(Handler):
                     )
                 )
 
-        summary = "; ".join(_eye_sentence(EYES[eye], per_eye[eye], cutoffs) for eye in eyes)
+        summary = "; ".join(_eye_sentence(EYES[eye], per_eye[eye], cutoffs, codes) for eye in eyes)
         return Analysis(
             task=TASK,
             sources=[photo.source for photo in photos],

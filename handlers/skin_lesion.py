@@ -14,33 +14,27 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from pydicom import Dataset
 
 from handlers.base import (
     Analysis,
-    Code,
     Explanation,
     Finding,
     Handler,
+    Mask,
     Model,
-    label_indices,
-    rgb8,
-    thresholds,
-    validate_options,
+    SegmentationModel,
+    Task,
+    TaskOptions,
+    model_labels,
 )
+from node.dicom.display import rgb8
 
 TASK = "Dermoscopy skin lesion classification"
-# SNOMED CT concept for each HAM10000 class; the meaning is the concept's preferred term.
-CLASS_CODES: dict[str, Code] = {
-    "akiec": Code("201101007", "SCT", "Actinic keratosis"),
-    "bcc": Code("254701007", "SCT", "Basal cell carcinoma of skin"),
-    "bkl": Code("12563001", "SCT", "Seborrheic keratosis"),
-    "df": Code("72464004", "SCT", "Dermatofibroma"),
-    "mel": Code("372244006", "SCT", "Malignant melanoma"),
-    "nv": Code("400096001", "SCT", "Melanocytic nevus"),
-    "vasc": Code("400210000", "SCT", "Hemangioma"),
-}
+# The seven HAM10000 classes, as the model's labels; each is reported as a coded finding.
+CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+LESION_LABEL = "lesion"  # the segmentation companion's label for the lesion's pixels
 DEFAULT_CROP = 2.0 / 3.0
 # External-camera photography and dermoscopy: the modalities a skin photograph is stored under.
 PHOTOGRAPHIC_MODALITIES = ("XC", "DMS")
@@ -49,25 +43,26 @@ SKIN_BRIGHTNESS = 0.2  # mean of the centre crop in [0, 1]: darker is a lens cap
 BATCH = 16
 
 
-class Options(BaseModel):
-    """Task parameters: the manifest's ``[options]`` overlaid with a route's."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Options(TaskOptions):
     crop_fraction: float = Field(default=DEFAULT_CROP, gt=0.2, le=1.0)
     threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     min_side: int = Field(default=64, ge=16)
 
 
 def parse_options(options: Mapping[str, Any]) -> Options:
-    return validate_options(Options, options, "skin_lesion")
+    return Options.parse(options, "skin_lesion")
+
+
+def crop_box(shape: tuple[int, ...], fraction: float = DEFAULT_CROP) -> tuple[int, int, int, int]:
+    """(top, left, side, side): the centred square whose side is ``fraction`` of the shorter side,
+    where a dermoscopy photograph puts its lesion (the prototype cropped 300×300 from 450×600)."""
+    side = max(1, round(min(shape[:2]) * fraction))
+    return (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
 
 
 def centre_crop(image: np.ndarray, fraction: float = DEFAULT_CROP) -> np.ndarray:
-    """The centred square whose side is ``fraction`` of the image's shorter side: where a dermoscopy
-    photograph puts its lesion (the prototype cropped 300×300 from 450×600)."""
-    side = max(1, round(min(image.shape[:2]) * fraction))
-    top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+    """``image`` inside :func:`crop_box`."""
+    top, left, side, _ = crop_box(image.shape, fraction)
     return image[top : top + side, left : left + side]
 
 
@@ -104,12 +99,15 @@ def looks_like_skin(crop: np.ndarray) -> bool:
 
 
 class SkinLesionHandler(Handler):
+    """With a ``segmentation`` companion model, the lesion is also outlined: a mask on each photograph."""
+
     name: ClassVar[str] = "skin_lesion"
+    companion_roles: ClassVar[Mapping[str, Task]] = {"segmentation": "segmentation"}
 
     def analyse(self, datasets: Sequence[Dataset], model: Model, options: Mapping[str, Any]) -> Analysis:
         opts = parse_options(options)
-        indices = list(label_indices(self.name, model, list(CLASS_CODES)).values())
-        cutoffs = thresholds(model, list(CLASS_CODES), opts.threshold)
+        labels = model_labels(self.name, model, CLASSES, opts.threshold)
+        indices, codes, cutoffs = [labels.index[c] for c in CLASSES], labels.code, labels.threshold
         if not datasets:
             return Analysis.not_analysed(TASK, datasets, "no images")
         for ds in datasets:
@@ -117,11 +115,13 @@ class SkinLesionHandler(Handler):
             if reason is not None:
                 return Analysis.not_analysed(TASK, datasets, reason)
         try:
-            crops = [centre_crop(rgb8(ds), opts.crop_fraction) for ds in datasets]
+            photos = [rgb8(ds) for ds in datasets]
         except Exception as exc:  # an undecodable transfer syntax or corrupt pixel data: say so, do not guess
             return Analysis.not_analysed(TASK, datasets, f"pixel data could not be read: {exc}")
-        if any(crop.ndim != 3 or crop.shape[2] != 3 for crop in crops):
+        if any(photo.ndim != 3 or photo.shape[2] != 3 for photo in photos):
             return Analysis.not_analysed(TASK, datasets, "pixel data is not three-channel colour")
+        boxes = [crop_box(photo.shape, opts.crop_fraction) for photo in photos]
+        crops = [centre_crop(photo, opts.crop_fraction) for photo in photos]
         unlike = sum(not looks_like_skin(crop) for crop in crops)
         if unlike:
             return Analysis.not_analysed(
@@ -132,11 +132,11 @@ class SkinLesionHandler(Handler):
         per_image = np.concatenate([model.predict(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)])
         probabilities = per_image[:, indices].mean(axis=0)  # several photographs of one lesion: mean
         findings = [
-            Finding(code, bool(p >= cutoffs[label]), float(p), float(cutoffs[label]))
-            for (label, code), p in zip(CLASS_CODES.items(), probabilities, strict=True)
+            Finding(codes[label], bool(p >= cutoffs[label]), float(p), float(cutoffs[label]))
+            for label, p in zip(CLASSES, probabilities, strict=True)
         ]
         top = int(np.argmax(probabilities))
-        top_label = list(CLASS_CODES)[top]
+        top_label = CLASSES[top]
         model_index = indices[top]
         best = int(np.argmax(per_image[:, model_index]))  # the photograph that shows it best
         heatmap = model.explain(batch[best : best + 1], model_index)[0]
@@ -148,29 +148,54 @@ class SkinLesionHandler(Handler):
                 cv2.resize(heatmap, (crop.shape[1], crop.shape[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0
             ).astype(np.float32),
             probability=float(per_image[best, model_index]),
-            label=CLASS_CODES[top_label].meaning,
+            label=codes[top_label].meaning,
+            region=boxes[best],
         )
         ranked = np.argsort(-probabilities, kind="stable")
-        runner_up = list(CLASS_CODES)[int(ranked[1])]
+        runner_up = CLASSES[int(ranked[1])]
         top_p = float(probabilities[top])
         confidence = "" if top_p >= cutoffs[top_label] else "; below its threshold, low confidence"
         summary = (
-            f"Most likely {CLASS_CODES[top_label].meaning.lower()} (p={top_p:.2f}{confidence}); "
-            f"next {CLASS_CODES[runner_up].meaning.lower()} (p={float(probabilities[ranked[1]]):.2f})."
+            f"Most likely {codes[top_label].meaning.lower()} (p={top_p:.2f}{confidence}); "
+            f"next {codes[runner_up].meaning.lower()} (p={float(probabilities[ranked[1]]):.2f})."
         )
+        segmentation = self.companions.get("segmentation")
+        masks = [] if segmentation is None else _outline(segmentation, datasets, crops, boxes)
         return Analysis(
             task=TASK,
             sources=list(datasets),
             findings=findings,
             explanations=[explanation],
             summary=summary,
+            masks=masks,
             details={
                 "image_probabilities": {
                     str(ds.SOPInstanceUID): {
-                        label: round(float(p), 4) for label, p in zip(CLASS_CODES, row[indices], strict=True)
+                        label: round(float(p), 4) for label, p in zip(CLASSES, row[indices], strict=True)
                     }
                     for ds, row in zip(datasets, per_image, strict=True)
                 },
                 "top_class": top_label,
             },
         )
+
+
+def _outline(
+    model: SegmentationModel,
+    datasets: Sequence[Dataset],
+    crops: Sequence[np.ndarray],
+    boxes: Sequence[tuple[int, int, int, int]],
+) -> list[Mask]:
+    """The lesion on each photograph: the segmentation of the same crop the classifier saw, its lesion
+    probability resized to the crop and cut at one half, placed where the crop lies."""
+    labels = model_labels("skin_lesion segmentation", model, [LESION_LABEL])
+    lesion, concept = labels.index[LESION_LABEL], labels.code[LESION_LABEL]
+    masks = []
+    for ds, crop, (top, left, side, _) in zip(datasets, crops, boxes, strict=True):
+        probability = model.segment(preprocess(crop, model.input_size, 1.0)[None])[0, lesion]
+        pixels = np.zeros((int(ds.Rows), int(ds.Columns)), bool)
+        pixels[top : top + side, left : left + side] = (
+            cv2.resize(probability, (side, side), interpolation=cv2.INTER_LINEAR) >= 0.5
+        )
+        masks.append(Mask(ds, pixels, concept, concept.meaning))
+    return masks

@@ -7,14 +7,12 @@ import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from node.config import ConfigError, Settings, load_settings
 from node.runtime.package import ModelRefused
-from node.training import DEMO_MODELS
 
 log = logging.getLogger("ainode")
 
@@ -42,14 +40,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from node.route import validate
-    from node.runtime.package import select as select_package
+    from node.runtime.package import select, verify_weights
 
     settings = _settings(args)
     validate(settings.routes)
     for route in settings.routes:
-        package = select_package(settings.node.models_dir, route.model, route.model_version)  # checks sha256
-        model = f"{package.manifest.name} {package.manifest.version}"
-        print(f"route {route.name}: {route.handler} with {model} → {', '.join(route.destinations) or '-'}")
+        wanted = [(route.model, route.model_version), *((name, None) for name in route.models.values())]
+        packages = [select(settings.node.models_dir, name, version) for name, version in wanted]
+        for package in packages:
+            verify_weights(package.path, package.manifest)
+        models = " + ".join(f"{p.manifest.name} {p.manifest.version}" for p in packages)
+        outputs = ", ".join(spec.writer for spec in route.outputs) or "no outputs"
+        print(
+            f"route {route.name}: {route.handler} with {models} ({outputs}) "
+            f"→ {', '.join(route.destinations) or '-'}"
+        )
     print(
         f"configuration OK: AE {settings.node.ae_title} on port {settings.node.dicom_port}, "
         f"{len(settings.routes)} route(s), {len(settings.destinations)} destination(s)"
@@ -84,9 +89,8 @@ def _series_files(path: Path) -> dict[str, list[str]]:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from node.pipeline import JobSpec, run_job
+    from node.jobs.run import JobSpec, Task, run_job
     from node.route import Subject, choose
-    from node.runtime.package import select as select_package
 
     settings = _settings(args)
     groups = _series_files(Path(args.path))
@@ -94,22 +98,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"no DICOM files under {args.path}", file=sys.stderr)
         return 1
     for n, (series_uid, files) in enumerate(sorted(groups.items())):
-        plans: list[tuple[str, str, str | None, dict[str, Any]]]
         if args.handler:
-            plans = [(args.handler, args.model or args.handler.replace("_", "-"), None, {})]
+            specs = [JobSpec(0, args.handler, args.model or args.handler.replace("_", "-"))]
         else:
             subject = Subject(dcmread(files[0], stop_before_pixels=True), settings.node.ae_title, "")
-            plans = [
-                (r.handler, r.model, r.model_version, r.options) for r in choose(settings.routes, subject)
+            specs = [
+                JobSpec(0, r.handler, r.model, r.model_version, r.models, r.options, r.outputs)
+                for r in choose(settings.routes, subject)
             ]
-        if not plans:
+        if not specs:
             print(f"series {series_uid}: no route matched")
             continue
-        for handler, model, version, options in plans:
-            out_dir = Path(args.out) / f"series-{n}-{handler}"
-            package = select_package(settings.node.models_dir, model, version)
-            spec = JobSpec(0, files, handler, str(package), options, str(out_dir))
-            output = run_job(spec)
+        for spec in specs:
+            out_dir = Path(args.out) / f"series-{n}-{spec.handler}"
+            output = run_job(Task(spec, files, str(out_dir), str(settings.node.models_dir)))
             print(
                 f"series {series_uid} ({len(files)} files), {output.model.name} {output.model.version}: "
                 f"{output.summary}"
@@ -120,7 +122,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_study(args: argparse.Namespace) -> int:
-    from node.training.ct_phantom import write_head_ct_series
+    from training.ct_phantom import write_head_ct_series
 
     paths = write_head_ct_series(
         Path(args.out), n_slices=args.slices, hemorrhage=not args.normal, seed=args.seed
@@ -170,7 +172,7 @@ def cmd_models_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models_train_demo(args: argparse.Namespace) -> int:
-    from node.training import train_demo
+    from training import train_demo  # the training code is imported only by this command
 
     out = ["--out", str(args.out or Path("models") / args.name)]
     train_demo(args.name, [*out, "--measure-only"] if args.measure_only else out)
@@ -234,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     train = models.add_parser(
         "train-demo", help="train a demonstration model on synthetic phantoms (reproducible, ≤ 10 min)"
     )
-    train.add_argument("name", choices=sorted(DEMO_MODELS))
+    train.add_argument("name", help="a demo model: the package name of a bundled model, e.g. ct-hemorrhage")
     train.add_argument("--out", type=Path, help="package folder to write (default: models/NAME)")
     train.add_argument(
         "--measure-only", action="store_true", help="re-measure the saved weights, no training"

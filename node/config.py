@@ -6,13 +6,22 @@ parsed as TOML literals where they parse (numbers, booleans, arrays), else taken
 
 from __future__ import annotations
 
+import importlib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 ENV_PREFIX = "AINODE_"
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -50,6 +59,7 @@ class NodeSettings(_Section):
     network_timeout: float = Field(60.0, gt=0)
     workers: int = Field(1, ge=1)  # local job slots, each its own process
     torch_threads: int = Field(0, ge=0)  # 0: one per core shared by the workers
+    plugins: list[str] = []  # modules imported at start that register output writers or executors
 
     @property
     def resolved_database_url(self) -> str:
@@ -63,6 +73,7 @@ class StudySettings(_Section):
 
 
 class JobSettings(_Section):
+    executor: str = "local"  # who runs jobs: a name registered in node.jobs.executor
     max_attempts: int = Field(2, ge=1)  # a job that fails is run again up to this many times in all
     timeout_seconds: float = Field(900.0, gt=0)
 
@@ -81,6 +92,21 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
 
 
+class OutputSpec(_Section):
+    """One output of a route: a registered writer (see node.outputs), and where its objects go."""
+
+    writer: str
+    series_number: int | None = Field(None, ge=1, le=2**31 - 1)  # None: the writer's default
+    series_description: str | None = None  # "{task}" is replaced by the task; None: the writer's
+
+
+DEFAULT_OUTPUTS = (OutputSpec(writer="sc"), OutputSpec(writer="sr"))  # overlays, then the report
+
+
+def _output(value: Any) -> Any:
+    return {"writer": value} if isinstance(value, str) else value
+
+
 class Route(_Section):
     name: str
     match: dict[str, Any] = {}
@@ -89,7 +115,9 @@ class Route(_Section):
     handler: str
     model: str
     model_version: str | None = None
+    models: dict[str, str] = {}  # further model packages the handler uses, by role (e.g. segmentation)
     options: dict[str, Any] = {}
+    outputs: list[Annotated[OutputSpec, BeforeValidator(_output)]] = list(DEFAULT_OUTPUTS)
     destinations: list[str] = []
 
 
@@ -150,8 +178,19 @@ def _format(error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import the configured plug-in modules: importing one registers what it defines (an output
+    writer, an executor) with the node, as the built-ins register themselves."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"node.plugins: cannot import {module!r}: {exc}") from exc
+
+
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read ``path`` (or only defaults), apply ``AINODE_*`` overrides, validate. Raises ConfigError."""
+    """Read ``path`` (or only defaults), apply ``AINODE_*`` overrides, validate, import the plug-ins.
+    Raises ConfigError."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -165,6 +204,7 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format(exc)) from exc
+    load_plugins(settings.node.plugins)
     if path is not None:
         # Relative paths in a file are relative to that file, so the node runs from any folder.
         base = Path(path).resolve().parent

@@ -124,6 +124,8 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     ready_at: Mapped[datetime | None] = mapped_column(nullable=True)
     route_note: Mapped[str] = mapped_column(Text, default="")
+    # The first instance's header as DICOM JSON, bulk data left out: what routing matches on.
+    header: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="series", order_by="Job.id")
@@ -154,6 +156,8 @@ class Job(Base):
     model_version: Mapped[str] = mapped_column(String(32), default="")  # pinned by the route, then what ran
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # [OutputSpec, ...]
+    companions: Mapped[dict[str, Any]] = mapped_column(default=dict)  # role → model package name
     destinations: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"names": [...]}
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(default=0)
@@ -222,7 +226,9 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A unit of work: committed at the end, rolled back on error."""
+        """A transaction: committed at the end, rolled back on error. Audit events recorded in it
+        (node.audit.record) join the audit chain as it commits. Keep it short: file I/O, rule
+        matching and hashing belong before or after it."""
         with self._sessions.begin() as session:
             yield session
 

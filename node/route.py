@@ -1,4 +1,4 @@
-"""Routing: which handler, model and destinations a complete series goes to, by its DICOM tags.
+"""Routing: which handler, model, outputs and destinations a complete series goes to, by its DICOM tags.
 
 A route's ``match`` maps DICOM keywords to conditions. A condition is
 - a plain value: equal (text compared stripped; numbers numerically),
@@ -23,11 +23,13 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from handlers import handler_class
 from node import audit
 from node.config import Route
 from node.db import Database, Job, Series, SeriesStatus
+from node.dicom.header import from_json
+from node.outputs import check_output
 
 log = logging.getLogger(__name__)
 _OPERATORS = {"glob", "regex", "gt", "ge", "lt", "le", "ne", "exists"}
@@ -127,7 +129,8 @@ def _validate_condition(where: str, condition: Any) -> None:
 
 
 def validate(routes: Sequence[Route]) -> None:
-    """Check every route's keywords and conditions, naming the bad one."""
+    """Check every route's keywords, conditions, handler, companion models and outputs, naming the
+    bad one."""
     for i, route in enumerate(routes):
         for keyword, condition in route.match.items():
             if tag_for_keyword(keyword) is None:
@@ -136,6 +139,17 @@ def validate(routes: Sequence[Route]) -> None:
         for field in ("called_ae", "calling_ae"):
             if getattr(route, field) is not None:
                 _validate_condition(f"routes.{i}.{field}", getattr(route, field))
+        try:
+            roles = handler_class(route.handler).companion_roles
+            for spec in route.outputs:
+                check_output(spec)
+        except (LookupError, ValueError) as exc:
+            raise RouteError(f"routes.{i}: {exc}") from exc
+        unknown = sorted(set(route.models) - set(roles))
+        if unknown:
+            raise RouteError(
+                f"routes.{i}.models: {route.handler} has no role {unknown}; roles: {list(roles)}"
+            )
 
 
 def route_matches(route: Route, subject: Subject) -> bool:
@@ -151,83 +165,106 @@ def choose(routes: Sequence[Route], subject: Subject) -> list[Route]:
     return [route for route in routes if route_matches(route, subject)]
 
 
-def _subject(series: Series) -> Subject:
-    header = dcmread(series.instances[0].path, stop_before_pixels=True)
-    return Subject(header=header, called_ae=series.called_ae, calling_ae=series.calling_ae)
+@dataclass(frozen=True)
+class _Ready:
+    """A ready series as routing sees it, read in one short transaction."""
+
+    id: int
+    study_uid: str
+    series_uid: str
+    modality: str
+    body_part: str
+    subject: Subject | None  # None: no instance left to route on
+    note: str  # why there is no subject
+
+
+def _ready(series: Series) -> _Ready:
+    note = ""
+    subject = None
+    if not series.instances:
+        note = "no instances left in this series"
+    else:
+        try:
+            # A series indexed before its header was kept (revision 0002) is read from its file once.
+            header = (
+                from_json(series.header)
+                if series.header is not None
+                else dcmread(series.instances[0].path, stop_before_pixels=True)
+            )
+            subject = Subject(header=header, called_ae=series.called_ae, calling_ae=series.calling_ae)
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            note = f"header unreadable: {exc}"
+    return _Ready(
+        series.id, series.study.study_uid, series.series_uid, series.modality, series.body_part, subject, note
+    )
 
 
 def route_ready(db: Database, routes: Sequence[Route]) -> int:
     """Create jobs for every ready series (or record that none matched). Returns jobs created.
 
-    Each series is routed in its own savepoint, so one that cannot be routed never holds up the rest.
+    The rules are matched outside any transaction; each series' outcome is then written in a short
+    transaction of its own, so one that cannot be routed never holds up the rest, and a series that
+    an instance reopened meanwhile is left to wait.
     """
+    with db.session() as session:
+        ready = [
+            _ready(series)
+            for series in session.scalars(select(Series).where(Series.status == SeriesStatus.READY))
+        ]
     created = 0
-    with audit.writing(db) as session:
-        for series in session.scalars(select(Series).where(Series.status == SeriesStatus.READY)).all():
-            try:
-                with session.begin_nested():
-                    created += _route_series(session, series, routes)
-            except Exception as exc:
-                log.exception("routing a series failed")
-                series.status, series.route_note = (
-                    SeriesStatus.NO_ROUTE,
-                    f"routing failed: {type(exc).__name__}",
-                )
-                audit.record(
-                    session,
-                    "route.none",
-                    outcome="failure",
-                    study_uid=series.study.study_uid,
-                    series_uid=series.series_uid,
-                    note=series.route_note,
-                )
+    for series in ready:
+        try:
+            chosen = choose(routes, series.subject) if series.subject is not None else []
+            note = series.note
+        except Exception as exc:
+            log.exception("routing a series failed")
+            chosen, note = [], f"routing failed: {type(exc).__name__}"
+        created += _record(db, series, chosen, note)
     return created
 
 
-def _route_series(session: Session, series: Series, routes: Sequence[Route]) -> int:
-    study_uid = series.study.study_uid
-    chosen: list[Route] = []
-    if not series.instances:
-        series.route_note = "no instances left in this series"
-    else:
-        try:
-            chosen = choose(routes, _subject(series))
-        except (OSError, InvalidDicomError) as exc:
-            series.route_note = f"first instance unreadable: {exc}"
-    if not chosen:
-        series.status = SeriesStatus.NO_ROUTE
-        series.route_note = series.route_note or "no route matched"
-        audit.record(
-            session,
-            "route.none",
-            study_uid=study_uid,
-            series_uid=series.series_uid,
-            modality=series.modality,
-            body_part=series.body_part,
-            note=series.route_note,
-        )
-        return 0
-    series.status = SeriesStatus.ROUTED
-    series.route_note = ", ".join(r.name for r in chosen)
-    for route in chosen:
-        session.add(
-            Job(
-                series=series,
+def _record(db: Database, ready: _Ready, chosen: Sequence[Route], note: str) -> int:
+    with db.session() as session:
+        series = session.get(Series, ready.id)
+        if series is None or series.status != SeriesStatus.READY:
+            return 0  # an instance arrived since: the series waits again
+        if not chosen:
+            series.status = SeriesStatus.NO_ROUTE
+            series.route_note = note or "no route matched"
+            audit.record(
+                session,
+                "route.none",
+                outcome="failure" if note.startswith("routing failed") else "success",
+                study_uid=ready.study_uid,
+                series_uid=ready.series_uid,
+                modality=ready.modality,
+                body_part=ready.body_part,
+                note=series.route_note,
+            )
+            return 0
+        series.status = SeriesStatus.ROUTED
+        series.route_note = ", ".join(r.name for r in chosen)
+        for route in chosen:
+            session.add(
+                Job(
+                    series=series,
+                    route=route.name,
+                    handler=route.handler,
+                    model=route.model,
+                    model_version=route.model_version or "",
+                    options=dict(route.options),
+                    companions=dict(route.models),
+                    outputs=[spec.model_dump(exclude_none=True) for spec in route.outputs],
+                    destinations={"names": list(route.destinations)},
+                )
+            )
+            audit.record(
+                session,
+                "route.chosen",
+                study_uid=ready.study_uid,
+                series_uid=ready.series_uid,
                 route=route.name,
                 handler=route.handler,
                 model=route.model,
-                model_version=route.model_version or "",
-                options=dict(route.options),
-                destinations={"names": list(route.destinations)},
             )
-        )
-        audit.record(
-            session,
-            "route.chosen",
-            study_uid=study_uid,
-            series_uid=series.series_uid,
-            route=route.name,
-            handler=route.handler,
-            model=route.model,
-        )
-    return len(chosen)
+        return len(chosen)

@@ -14,15 +14,12 @@ from datetime import timedelta
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from node import audit
 from node.config import Destination, SendSettings, Settings
 from node.db import Database, Result, Send, SendStatus, utcnow
-from node.receive import set_nodelay
+from node.dicom.network import SOCKET_HANDLERS, sending_ae
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +33,11 @@ def backoff(settings: SendSettings, attempts: int) -> float:
     return float(min(delay, settings.max_delay_seconds))
 
 
-def _scu(ae_title: str, timeout: float) -> AE:
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    return ae
-
-
 def echo(settings: Settings, destination: Destination) -> int:
     """C-ECHO a destination; the DICOM status (0 = success), or -1 if no association."""
-    ae = _scu(settings.node.ae_title, 10)
-    ae.add_requested_context(Verification)
+    ae = sending_ae(settings.node, timeout=10)
     assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=SOCKET_HANDLERS
     )
     if not assoc.is_established:
         return -1
@@ -91,14 +77,9 @@ class Sender:
         except Exception as exc:
             self._record({row.id: (False, str(exc)) for row in rows})
             return 0
-        ae = _scu(self.settings.node.ae_title, self.settings.node.network_timeout)
-        for sop_class in sorted({row.sop_class_uid for row in rows}):
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae = sending_ae(self.settings.node, [row.sop_class_uid for row in rows])
         assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=SOCKET_HANDLERS
         )
         outcomes: dict[int, tuple[bool, str]] = {}
         if not assoc.is_established:
@@ -132,7 +113,7 @@ class Sender:
     def _record(self, outcomes: dict[int, tuple[bool, str]]) -> None:
         now = utcnow()
         policy = self.settings.send
-        with audit.writing(self.db) as session:
+        with self.db.session() as session:
             for send in session.scalars(select(Send).where(Send.id.in_(outcomes))):
                 ok, message = outcomes[send.id]
                 send.attempts += 1

@@ -1,28 +1,29 @@
-"""The running node: the DICOM listener, the periodic steps and the job slots, wired together.
+"""The running node: the DICOM listener, the periodic steps and the executor, wired together.
 
-Periodic steps run on an APScheduler background scheduler; each is also woken at once when the
-step before it produced work (a series became ready, a job wrote results), so nothing waits for
-its next tick.
+Periodic steps run on an APScheduler background scheduler: completion + routing, dispatching jobs to
+the executor, sending results. Each is also woken at once when the step before it produced work (a
+series became ready, jobs were created, a job ended), so nothing waits for its next tick.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node import audit
 from node.config import Settings
 from node.db import Database, open_database
-from node.index import Indexer, reconcile
-from node.jobs import Executor, requeue_interrupted
-from node.receive import Receiver
+from node.ingest.accept import Ingest
+from node.ingest.completion import mark_stable
+from node.ingest.index import Indexer
+from node.ingest.scp import Receiver
+from node.jobs import ExecutorContext, JobStore, create_executor, dispatch
 from node.route import route_ready, validate
 from node.send import Sender
 from node.spool import Spool
-from node.stability import mark_stable
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +34,34 @@ class Node:
         self.settings = settings
         self.spool = Spool(settings.node.data_dir)
         self.db: Database = open_database(settings.node.resolved_database_url)
+        self.store = JobStore(self.db, settings.jobs)
+        self.executor = create_executor(ExecutorContext(settings, self.store, self.spool, self._job_ended))
         self.sender = Sender(settings, self.db)
-        self.executor = Executor(settings, self.db, self.spool, on_results=lambda: self._wake("send"))
         self.indexer = Indexer(self.db, settings.study, on_ready=lambda: self._wake("route"))
-        self.receiver = Receiver(settings, self.db, self.spool, self.indexer)
+        self.ingest = Ingest(settings, self.db, self.spool, self.indexer)
+        self.receiver = Receiver(settings, self.db, self.ingest)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running = False
 
     def _route_step(self) -> None:
         mark_stable(self.db, self.settings.study)
         if route_ready(self.db, self.settings.routes):
-            self.executor.wake()
+            self._wake("dispatch")
+
+    def _dispatch_step(self) -> None:
+        dispatch(self.store, self.executor)
+
+    def _job_ended(self) -> None:
+        self._wake("dispatch")
+        self._wake("send")
 
     def _wake(self, step: str) -> None:
-        job = self.scheduler.get_job(step)
+        job = self.scheduler.get_job(step) if self.scheduler.running else None
         if job is not None:
             job.modify(next_run_time=datetime.now(self.scheduler.timezone))
 
-    def _guarded(self, step: Any) -> Any:
+    @staticmethod
+    def _guarded(step: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
             try:
                 step()
@@ -60,8 +71,8 @@ class Node:
         return run
 
     def start(self) -> None:
-        indexed = reconcile(self.db, self.spool, self.settings.study, self.settings.node.ae_title)
-        requeued = requeue_interrupted(self.db)
+        indexed = self.ingest.reconcile()
+        requeued = self.store.requeue_interrupted()
         audit.append(
             self.db,
             "node.started",
@@ -70,10 +81,14 @@ class Node:
             reindexed=indexed,
             requeued_jobs=requeued,
         )
-        self.scheduler.add_job(self._guarded(self._route_step), "interval", seconds=1, id="route")
-        self.scheduler.add_job(self._guarded(self.sender.run_due), "interval", seconds=1, id="send")
-        self.scheduler.start()
+        for step, name in (
+            (self._route_step, "route"),
+            (self._dispatch_step, "dispatch"),
+            (self.sender.run_due, "send"),
+        ):
+            self.scheduler.add_job(self._guarded(step), "interval", seconds=1, id=name)
         self.executor.start()
+        self.scheduler.start()
         self.indexer.start()
         self.receiver.start()
         self.running = True
@@ -84,6 +99,6 @@ class Node:
         self.receiver.stop()
         self.indexer.stop()
         self.scheduler.shutdown(wait=True)
-        self.executor.stop()
+        self.executor.shutdown()
         audit.append(self.db, "node.stopped")
         self.db.dispose()

@@ -5,9 +5,9 @@ from sqlalchemy import select
 
 from node.config import Route, StudySettings
 from node.db import AuditEvent, Database
+from node.ingest.completion import mark_stable
 from node.route import route_ready
 from node.spool import Spool
-from node.stability import mark_stable
 from node.web.api import create_app
 from tests.test_flow import STUDY, instance, store
 

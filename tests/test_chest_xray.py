@@ -21,15 +21,16 @@ from handlers.chest_xray import (
     NORMAL_LABEL,
     UNILATERAL,
     ChestXRayHandler,
-    display_pixels,
     looks_like_chest,
     preprocess,
 )
+from node.dicom.display import display_pixels
 from node.runtime import PackagedModel, load_model
 from node.runtime.validate import validate_package
-from node.training.chest_phantom import FINDINGS as PHANTOM_FINDINGS
-from node.training.chest_phantom import NORMAL, Radiograph, chest_dicom, sample
-from node.training.train_chest_xray import LABELS, POINTING_TOLERANCE_MM, evaluate, held_out_case
+from training.chest_phantom import FINDINGS as PHANTOM_FINDINGS
+from training.chest_phantom import NORMAL, Radiograph, chest_dicom, sample
+from training.train_chest_xray import FINDINGS as CODES
+from training.train_chest_xray import LABELS, POINTING_TOLERANCE_MM, evaluate, held_out_case
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "models" / "chest-xray"
@@ -64,13 +65,16 @@ def analyse(datasets: list[Dataset], model: PackagedModel, **options: Any) -> An
 
 
 def test_labels_agree_between_phantom_handler_and_package(model: PackagedModel) -> None:
-    assert tuple(FINDINGS) == PHANTOM_FINDINGS and NORMAL == NORMAL_LABEL
+    assert tuple(FINDINGS) == PHANTOM_FINDINGS == tuple(CODES) and NORMAL == NORMAL_LABEL
     assert list(model.labels) == [NORMAL_LABEL, *FINDINGS]
     manifest = {label.name: label for label in model.manifest.labels}
     assert manifest[NORMAL_LABEL].code is None
-    for name, code in FINDINGS.items():
+    for name, code in CODES.items():
         label_code = manifest[name].code
-        assert label_code is not None and (label_code.value, label_code.scheme) == (code.value, code.scheme)
+        assert label_code is not None and (label_code.value, label_code.scheme_designator) == (
+            code.value,
+            code.scheme_designator,
+        )
 
 
 @pytest.mark.parametrize("monochrome1", [False, True])
@@ -130,14 +134,14 @@ def test_a_finding_is_called_and_explained_on_its_lesion(model: PackagedModel, f
     image = phantom(finding, 1)
     analysis = analyse(study(finding, 1, monochrome1=finding == "pneumothorax"), model)
     assert analysis.analysed
-    assert [f.concept.meaning for f in analysis.findings] == [code.meaning for code in FINDINGS.values()]
+    assert [f.concept.meaning for f in analysis.findings] == [code.meaning for code in CODES.values()]
     called = [f for f in analysis.findings if f.present]
-    assert [f.concept for f in called] == [FINDINGS[finding]]
+    assert [f.concept for f in called] == [CODES[finding]]
     assert all(f.threshold == 0.5 for f in analysis.findings)
-    assert analysis.summary.startswith(f"Suspected {FINDINGS[finding].meaning.lower()}")
+    assert analysis.summary.startswith(f"Suspected {CODES[finding].meaning.lower()}")
     assert "normal p=" in analysis.summary
     (explanation,) = analysis.explanations
-    assert explanation.label == FINDINGS[finding].meaning
+    assert explanation.label == CODES[finding].meaning
     assert explanation.image.shape == (*image.pixels.shape, 3) and explanation.image.dtype == np.uint8
     assert explanation.heatmap.shape == image.pixels.shape and explanation.heatmap.dtype == np.float32
     assert explanation.heatmap.max() == pytest.approx(1.0)
@@ -171,7 +175,7 @@ def test_side_of_a_unilateral_finding_is_never_wrong_and_mostly_named(model: Pac
             columns = np.nonzero(image.lesion)[1]
             expected = "right" if columns.mean() < image.pixels.shape[1] / 2 else "left"  # a PA film, hung
             summary = analyse(study(finding, index), model).summary
-            meaning = FINDINGS[finding].meaning.lower()
+            meaning = CODES[finding].meaning.lower()
             wrong = "left" if expected == "right" else "right"
             assert f"{meaning}, {wrong} (p=" not in summary
             named += f"{meaning}, {expected} (p=" in summary
@@ -182,7 +186,7 @@ def test_threshold_options_override_the_manifest(model: PackagedModel) -> None:
     analysis = analyse(
         study("cardiomegaly"), model, thresholds={"cardiomegaly": 0.999999}, max_explanations=0
     )
-    (cardiomegaly,) = [f for f in analysis.findings if f.concept == FINDINGS["cardiomegaly"]]
+    (cardiomegaly,) = [f for f in analysis.findings if f.concept == CODES["cardiomegaly"]]
     assert cardiomegaly.threshold == 0.999999 and not cardiomegaly.present
     assert not analysis.explanations
 

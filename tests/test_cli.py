@@ -11,8 +11,8 @@ import pydicom
 import pytest
 import tomli_w
 
-from node.training.ct_phantom import write_head_ct_series
 from tests.peers import REPO, OrthancServer, dciodvfy_errors, free_port
+from training.ct_phantom import write_head_ct_series
 
 
 def ainode(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,6 @@ from pydicom import Dataset, dcmread
 
 from handlers.base import Analysis
 from handlers.conjunctiva_anemia import (
-    ANEMIA,
     NO_SCLERA,
     REFERENCE_WHITE,
     TOO_DARK,
@@ -23,8 +22,8 @@ from handlers.conjunctiva_anemia import (
 )
 from node.runtime import PackagedModel, load_model
 from node.runtime.validate import validate_package
-from node.training.common import auc, pointing_hit
-from node.training.conjunctiva_phantom import (
+from training.common import auc, pointing_hit
+from training.conjunctiva_phantom import (
     Lighting,
     conjunctiva_dataset,
     photograph_eye,
@@ -32,7 +31,8 @@ from node.training.conjunctiva_phantom import (
     render,
     write_conjunctiva,
 )
-from node.training.train_conjunctiva_anemia import (
+from training.train_conjunctiva_anemia import (
+    ANEMIA,
     POINTING_TOLERANCE_PX,
     Case,
     erythema,

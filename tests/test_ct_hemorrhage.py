@@ -17,16 +17,16 @@ import pytest
 from pydicom import Dataset, dcmread
 
 from handlers.base import Analysis
-from handlers.ct_hemorrhage import HEMORRHAGE, CTHemorrhageHandler, preprocess
+from handlers.ct_hemorrhage import CTHemorrhageHandler, preprocess
 from node.runtime import PackagedModel, load_model
-from node.training.ct_phantom import (
+from training.ct_phantom import (
     FIELD_OF_VIEW_MM,
     SLICE_THICKNESS_MM,
     head_ct_volume,
     sample_slice,
     write_head_ct_series,
 )
-from node.training.train_ct_hemorrhage import POINTING_TOLERANCE_MM, pointing_game
+from training.train_ct_hemorrhage import HEMORRHAGE, POINTING_TOLERANCE_MM, pointing_game
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 512

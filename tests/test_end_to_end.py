@@ -12,7 +12,6 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from node import audit
 from node.db import Database
-from node.training.ct_phantom import write_head_ct_series
 from tests.peers import (
     REPO,
     NodeProcess,
@@ -23,6 +22,7 @@ from tests.peers import (
     storescu,
     wait_for,
 )
+from training.ct_phantom import write_head_ct_series
 
 pytestmark = pytest.mark.slow
 

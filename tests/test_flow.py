@@ -1,13 +1,15 @@
 """Arrival → completion → routing → outbox bookkeeping, on SQLite and PostgreSQL."""
 
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select, update
 
-from node import audit
+from node import audit, route
 from node.config import Route, Settings, StudySettings
 from node.db import (
     AuditEvent,
@@ -21,11 +23,12 @@ from node.db import (
     SeriesStatus,
     utcnow,
 )
-from node.index import Arrival, index_arrival, reconcile
-from node.route import route_ready
+from node.ingest.accept import Ingest
+from node.ingest.completion import mark_stable
+from node.ingest.index import Arrival, Indexer, index_arrival
+from node.route import Subject, route_ready
 from node.send import Sender, backoff
 from node.spool import Spool
-from node.stability import mark_stable
 
 STUDY, SERIES = generate_uid(), generate_uid()
 
@@ -40,6 +43,11 @@ def instance(spool: Spool, modality: str = "CT", series: str = SERIES, sop: str 
     ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
         CTImageStorage,
         ds.SOPInstanceUID,
+    )
+    # as the node writes a received instance: who sent it, to which AE title
+    ds.file_meta.SendingApplicationEntityTitle, ds.file_meta.ReceivingApplicationEntityTitle = (
+        "PACS",
+        "AINODE",
     )
     path = spool.instance_path(STUDY, series, ds.SOPInstanceUID)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +67,7 @@ def instance(spool: Spool, modality: str = "CT", series: str = SERIES, sop: str 
 
 
 def store(db: Database, arrival: Arrival, study: StudySettings) -> None:
-    with audit.writing(db) as session:
+    with db.session() as session:
         index_arrival(session, arrival, study)
 
 
@@ -145,12 +153,15 @@ def test_reconcile_indexes_files_the_database_lost(db: Database, tmp_path: Path)
     (spool.incoming / ".tmp-x.part").write_bytes(b"partial")
     damaged = spool.instance_path(STUDY, SERIES, generate_uid())
     damaged.write_bytes(b"not DICOM")  # one damaged file must not stop the node from starting
-    assert reconcile(db, spool, StudySettings(), called_ae="AINODE") == 1
-    assert reconcile(db, spool, StudySettings(), called_ae="AINODE") == 0
+    ingest = Ingest(Settings(), db, spool, Indexer(db, StudySettings(), on_ready=lambda: None))
+    assert ingest.reconcile() == 1
+    assert ingest.reconcile() == 0
     assert spool.leftover_temp_files() == []
     assert series_status(db) == SeriesStatus.RECEIVING
     with db.session() as session:
-        assert session.scalars(select(Series.called_ae)).one() == "AINODE"  # routes on it still match
+        series = session.scalars(select(Series)).one()
+        assert series.called_ae == "AINODE"  # routes on it still match
+        assert series.calling_ae == "PACS"  # ... and so do routes on who sent it
         assert "instance.unreadable" in session.scalars(select(AuditEvent.action)).all()
 
 
@@ -194,8 +205,6 @@ def test_unreachable_destination_is_retried_then_failed(db: Database, tmp_path: 
 
 
 def test_indexer_indexes_every_arrival_across_batches(db: Database, tmp_path: Path) -> None:
-    from node.index import Indexer
-
     spool, ready = Spool(tmp_path), []
     indexer = Indexer(db, StudySettings(), on_ready=lambda: ready.append(1))
     arrivals = [instance(spool) for _ in range(2 * Indexer.BATCH + 50)]
@@ -218,3 +227,32 @@ def test_instance_resent_under_another_series_moves_and_routing_goes_on(db: Data
     assert route_ready(db, ROUTES) == 1
     assert series_status(db) == SeriesStatus.NO_ROUTE  # emptied: recorded, not a blocker
     assert series_status(db, other_series) == SeriesStatus.ROUTED
+
+
+def test_routing_reads_the_header_kept_at_arrival_not_the_file(db: Database, tmp_path: Path) -> None:
+    spool, study = Spool(tmp_path), StudySettings(stable_seconds=0)
+    arrival = instance(spool)
+    store(db, arrival, study)
+    arrival.path.unlink()  # routing must not need the file again
+    mark_stable(db, study)
+    assert route_ready(db, ROUTES) == 1
+    assert series_status(db) == SeriesStatus.ROUTED
+
+
+def test_a_series_reopened_while_it_is_routed_waits_again(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, study = Spool(tmp_path), StudySettings(stable_seconds=0)
+    store(db, instance(spool), study)
+    mark_stable(db, study)
+    matching = route.choose
+
+    def choose_while_an_instance_arrives(routes: Sequence[Route], subject: Subject) -> list[Route]:
+        store(db, instance(spool), study)  # the indexer thread may index one meanwhile
+        return matching(routes, subject)
+
+    monkeypatch.setattr(route, "choose", choose_while_an_instance_arrives)
+    assert route_ready(db, ROUTES) == 0
+    assert series_status(db) == SeriesStatus.RECEIVING
+    with db.session() as session:
+        assert session.scalars(select(Job)).all() == []

@@ -14,26 +14,26 @@ from pydicom.uid import OphthalmicPhotography8BitImageStorage
 
 from handlers.base import Analysis
 from handlers.fundus import (
-    CONDITIONS,
     FundusHandler,
     NoFieldOfView,
     find_field_of_view,
-    laterality,
     parse_options,
     preprocess,
 )
+from node.dicom.attributes import laterality
 from node.runtime import PackagedModel, load_model
 from node.runtime.validate import validate_package
-from node.training import common
-from node.training.demo_dicom import photograph
-from node.training.fundus_phantom import CLASSES, Fundus, fundus_dataset, render, write_fundus_study
-from node.training.train_fundus import (
+from training import common
+from training.ct_phantom import head_ct_series
+from training.demo_dicom import photograph
+from training.fundus_phantom import CLASSES, Fundus, fundus_dataset, render, write_fundus_study
+from training.train_fundus import (
+    CONDITIONS,
     INPUT_SIZE,
     POINTING_FLOOR_STRICT,
     POINTING_FLOOR_TOLERANT,
     pointing_game,
 )
-from tests import dicom_factory
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "models" / "fundus"
@@ -188,7 +188,7 @@ def test_ophthalmic_sop_class_without_body_part_is_accepted(model: PackagedModel
 
 
 def test_what_is_not_a_fundus_photograph_is_refused(model: PackagedModel) -> None:
-    ct = analyse(dicom_factory.ct_series(2, size=64), model)
+    ct = analyse(head_ct_series(2, hemorrhage=False, seed=3, size=64), model)
     assert ct.not_analysed_reason == "not an eye photograph (Modality CT)"
     assert not ct.findings and not ct.explanations
 
@@ -197,7 +197,12 @@ def test_what_is_not_a_fundus_photograph_is_refused(model: PackagedModel) -> Non
         analyse([skin], model).not_analysed_reason or ""
     )
 
-    bright = dicom_factory.photo()  # an eye photograph with no dark surround: not a fundus camera's field
+    flash = np.zeros(
+        (384, 512, 3), np.uint8
+    )  # an eye photograph with no dark surround: not a fundus camera's
+    flash[...] = (200, 150, 120)
+    cv2.circle(flash, (256, 192), 150, (120, 60, 40), -1)
+    bright = photograph(flash, "flash", study="Eye", series="Photo", body_part="EYE", laterality="R")
     assert "no dark surround" in (analyse([bright], model).not_analysed_reason or "")
 
     underexposed = (phantom(DR, "R", 51).rgb * 0.06).astype(np.uint8)

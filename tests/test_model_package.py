@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.pipeline import _model
+from node.jobs.run import loaded
 from node.runtime import load_model
 from node.runtime.package import (
     ManifestError,
@@ -25,7 +25,7 @@ from node.runtime.package import (
     select,
     verify_weights,
 )
-from node.training.common import write_manifest
+from training.common import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "ct-hemorrhage"
@@ -167,7 +167,7 @@ def test_select_refuses_a_newest_package_with_foreign_weights(tmp_path: Path) ->
     make_package(tmp_path, version="1.0.0")
     make_package(tmp_path, version="2.0.0", sha256="0" * 64)
     with pytest.raises(ModelRefused, match="2.0.0"):
-        select(tmp_path, "demo")
+        loaded(tmp_path, "demo")  # as a job resolves it: the newest, verified before it is read
 
 
 def test_a_broken_package_does_not_hide_the_others(tmp_path: Path) -> None:
@@ -227,13 +227,13 @@ def test_a_worker_reloads_a_package_whose_weights_were_replaced(tmp_path: Path) 
     updated, as select() requires) must not keep running under the old ones."""
     folder = tmp_path / "ct-hemorrhage"
     shutil.copytree(SHIPPED, folder)
-    first = _model(str(folder))
-    assert _model(str(folder)) is first  # kept between jobs
+    first = loaded(tmp_path, "ct-hemorrhage")
+    assert loaded(tmp_path, "ct-hemorrhage") is first  # kept between jobs
     state = torch.load(folder / "weights.pt", weights_only=True)
     state["fc.bias"] += 1.0
     torch.save(state, folder / "weights.pt")
     manifest = tomllib.loads((folder / "manifest.toml").read_text(encoding="utf-8"))
     write_manifest(folder, {k: v for k, v in manifest.items() if k not in ("weights", "sha256")})
-    second = _model(str(folder))
+    second = loaded(tmp_path, "ct-hemorrhage")
     assert second is not first
     assert second.manifest.sha256 == hashlib.sha256((folder / "weights.pt").read_bytes()).hexdigest()

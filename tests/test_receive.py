@@ -13,8 +13,8 @@ from pydicom.uid import JPEG2000Lossless
 from sqlalchemy import select
 
 from node.db import AuditEvent, Database, Instance
-from node.training.ct_phantom import write_head_ct_series
 from tests.peers import NodeProcess, echoscu, storescu, wait_for
+from training.ct_phantom import write_head_ct_series
 
 # name: (bits stored of the unsigned source it needs, or 0 for the signed 16-bit CT; command)
 COMPRESSORS = {

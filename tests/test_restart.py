@@ -13,9 +13,9 @@ from sqlalchemy import select
 
 from node import audit
 from node.db import Database, Instance
-from node.training.ct_phantom import write_head_ct_series
 from tests.peers import NodeProcess, OrthancServer, dcmtk_env, free_port, wait_for
 from tests.test_end_to_end import check_results, node_settings, wait_for_results
+from training.ct_phantom import write_head_ct_series
 
 pytestmark = pytest.mark.slow
 

@@ -12,13 +12,16 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import cr_chest, ct_series, photo
 from pydicom import Dataset
 
 from handlers.base import Analysis, Code, Explanation, Finding
-from node.results import secondary_captures, structured_report
-from node.results.common import disclaimer_lines
+from node.config import OutputSpec
+from node.outputs import write_outputs
+from node.outputs.common import disclaimer_lines
 from node.runtime.identity import ModelIdentity
+from training.chest_phantom import NORMAL, chest_dicom, sample
+from training.ct_phantom import head_ct_series
+from training.fundus_phantom import fundus_dataset, render
 
 MODEL = ModelIdentity(
     name="ct-hemorrhage",
@@ -44,6 +47,32 @@ def explanation(source: Dataset, label: str, probability: float, size: int = 224
     yy, xx = np.mgrid[:size, :size]
     heatmap = np.exp(-((xx - 0.62 * size) ** 2 + (yy - 0.4 * size) ** 2) / (2 * (0.08 * size) ** 2))
     return Explanation(source, image, heatmap.astype(np.float32), probability, label)
+
+
+def ct_series(n: int) -> list[Dataset]:
+    return head_ct_series(n, hemorrhage=True, seed=5)
+
+
+def cr_chest() -> Dataset:
+    """A chest radiograph as a MONOCHROME1 detector sends it."""
+    return chest_dicom(sample(np.random.default_rng(3), 500, NORMAL), "results-chest", monochrome1=True)
+
+
+def photo() -> Dataset:
+    """A photograph of the right eye (Image Laterality R, body part EYE)."""
+    return fundus_dataset(render(np.random.default_rng(4), 0, "R", 384), "results-eye")
+
+
+def results(analysis: Analysis) -> tuple[list[Dataset], Dataset]:
+    """The route's default outputs, as a job writes them: the overlays (series 901), then the report
+    (902) that lists them as evidence."""
+    made = write_outputs(
+        analysis,
+        MODEL,
+        [OutputSpec(writer="sc", series_number=901), OutputSpec(writer="sr", series_number=902)],
+    )
+    (sr,) = [ds for kind, ds in made if kind == "SR"]
+    return [ds for kind, ds in made if kind == "SC"], sr
 
 
 def save(ds: Dataset, path: Path) -> Path:
@@ -120,13 +149,12 @@ def test_present_finding_on_ct(out: Path) -> None:
     explained = [explanation(sources[1], "Intracranial hemorrhage", 0.87), explanation(sources[2], "x", 0.6)]
     analysis = Analysis(task, sources, [Finding(HEMORRHAGE, True, 0.91, 0.5)], explained)
 
-    scs = secondary_captures(analysis, MODEL, series_number=901)
+    scs, sr = results(analysis)
     assert len(scs) == 2
     check_secondary_captures(scs, sources, task)
     for sc, expl in zip(scs, explained, strict=True):
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == expl.source.SOPInstanceUID
         assert sc.SourceImageSequence[0].ReferencedSOPClassUID == expl.source.SOPClassUID
-    sr = structured_report(analysis, MODEL, series_number=902, evidence=scs)
 
     paths = [save(sc, out / f"sc{i}.dcm") for i, sc in enumerate(scs)]
     sr_path = save(sr, out / "sr.dcm")
@@ -163,10 +191,9 @@ def test_absent_finding_on_radiograph(out: Path) -> None:
         [Finding(PNEUMOTHORAX, False, 0.12, 0.5)],
         [explanation(source, "Pneumothorax", 0.12, size=256)],
     )
-    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    (sc,), sr = results(analysis)
     check_secondary_captures([sc], [source], analysis.task)
     assert list(sc.PatientOrientation) == ["L", "F"]
-    sr = structured_report(analysis, MODEL, series_number=902, evidence=[sc])
     validate(save(sc, out / "sc.dcm"))
     sr_path = save(sr, out / "sr.dcm")
     validate(sr_path)
@@ -184,11 +211,11 @@ def test_photo_keeps_laterality(out: Path) -> None:
         [Finding(RETINOPATHY, True, 0.7, 0.5)],
         [explanation(source, "Diabetic retinopathy", 0.7)],
     )
-    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    (sc,), sr = results(analysis)
     check_secondary_captures([sc], [source], analysis.task)
     assert (sc.Laterality, sc.BodyPartExamined) == ("R", "EYE")
     validate(save(sc, out / "sc.dcm"))
-    validate(save(structured_report(analysis, MODEL, 902, [sc]), out / "sr.dcm"))
+    validate(save(sr, out / "sr.dcm"))
 
 
 def test_not_analysed(out: Path) -> None:
@@ -196,10 +223,9 @@ def test_not_analysed(out: Path) -> None:
     reason = "slice thickness 10 mm is above the 5 mm the model was trained on"
     analysis = Analysis("Head CT hemorrhage detection", sources, not_analysed_reason=reason)
 
-    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    (sc,), sr = results(analysis)
     check_secondary_captures([sc], sources, analysis.task)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[1].SOPInstanceUID  # the middle
-    sr = structured_report(analysis, MODEL, series_number=902, evidence=[sc])
     validate(save(sc, out / "sc.dcm"))
     sr_path = save(sr, out / "sr.dcm")
     validate(sr_path)
@@ -220,8 +246,7 @@ def test_non_ascii_text_is_written_in_utf8(out: Path) -> None:
     sources = ct_series(1)
     del sources[0].SpecificCharacterSet  # default repertoire: ASCII only
     analysis = Analysis("Blutung (Hämorrhagie)", sources, not_analysed_reason="Schichtdicke zu groß")
-    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
-    sr = structured_report(analysis, MODEL, series_number=902, evidence=[sc])
+    (sc,), sr = results(analysis)
     for ds, name in ((sc, "sc.dcm"), (sr, "sr.dcm")):
         path = save(ds, out / name)
         assert pydicom.dcmread(path).SeriesDescription.endswith("Blutung (Hämorrhagie)")
@@ -233,7 +258,7 @@ def test_ct_without_window_renders_and_validates(out: Path) -> None:
     sources = ct_series(1)
     del sources[0].WindowCenter, sources[0].WindowWidth
     analysis = Analysis("Head CT", sources, not_analysed_reason="no window")
-    (sc,) = secondary_captures(analysis, MODEL, series_number=901)
+    (sc,), _ = results(analysis)
     image = sc.pixel_array[: sources[0].Rows]
     assert image.min() == 0 and image.max() == 255  # air black, bone white in a soft-tissue window
     validate(save(sc, out / "sc.dcm"))

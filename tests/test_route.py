@@ -84,3 +84,33 @@ def test_called_and_calling_ae_conditions() -> None:
 def test_bad_routes_are_named(match: dict[str, object], message: str) -> None:
     with pytest.raises(RouteError, match=message):
         validate([route(match=match)])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"handler": "ct_unknown"}, r"routes\.0: no handler named 'ct_unknown'"),
+        ({"outputs": ["sc", "pdf"]}, r"routes\.0: no output writer 'pdf'"),
+        ({"outputs": [{"writer": "sr", "series_description": "AI {model}"}]}, r"may use only \{task\}"),
+        (
+            {"models": {"segmentation": "skin-lesion-segmentation"}},
+            r"routes\.0\.models: ct_hemorrhage has no role",
+        ),
+    ],
+)
+def test_a_route_names_only_what_exists(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(RouteError, match=message):
+        validate([Route.model_validate({"name": "r", "handler": "ct_hemorrhage", "model": "m", **fields})])
+
+
+def test_outputs_and_companions_a_route_may_name() -> None:
+    skin = Route(
+        name="skin",
+        handler="skin_lesion",
+        model="skin-lesion",
+        models={"segmentation": "skin-lesion-segmentation"},
+        outputs=["sr", {"writer": "sc", "series_number": 42, "series_description": "Overlay ({task})"}],
+    )
+    validate([skin])
+    assert [(o.writer, o.series_number) for o in skin.outputs] == [("sr", None), ("sc", 42)]
+    assert [o.writer for o in route().outputs] == ["sc", "sr"]  # the default

@@ -152,7 +152,7 @@ def test_one_network_in_every_format_gives_the_same_probabilities_and_heatmaps(
 
 def test_the_fast_path_equals_gradient_grad_cam_on_the_ct_model() -> None:
     from handlers.ct_hemorrhage import DEFAULT_WINDOWS, preprocess
-    from node.training.ct_phantom import sample_slice
+    from training.ct_phantom import sample_slice
 
     model = load_model(CT_PACKAGE)
     rng = np.random.default_rng(3)

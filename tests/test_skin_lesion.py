@@ -3,19 +3,23 @@ classifier, and the shipped lesion segmentation package."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 
 from handlers.base import Analysis, Finding
-from handlers.skin_lesion import CLASS_CODES, SkinLesionHandler, centre_crop, parse_options, preprocess
+from handlers.skin_lesion import SkinLesionHandler, centre_crop, parse_options, preprocess
+from node.jobs.run import JobSpec, Task, run_job
 from node.runtime import PackagedModel, load_model
 from node.runtime.validate import validate_package
-from node.training import train_skin_lesion, train_skin_segmentation
-from node.training.demo_dicom import photograph, radiograph
-from node.training.skin_phantom import CLASSES, SkinPhantom, dermoscopy_dataset, render, write_dermoscopy
+from training import train_skin_lesion, train_skin_segmentation
+from training.demo_dicom import photograph, radiograph
+from training.skin_phantom import CLASSES, SkinPhantom, dermoscopy_dataset, render, write_dermoscopy
+from training.train_skin_lesion import CLASS_CODES
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFIER = REPO / "models" / "skin-lesion"
@@ -224,3 +228,46 @@ def test_committed_segmentation_validates_and_outlines_held_out_lesions(held_out
     assert lesion.name == "lesion" and lesion.code is not None and lesion.code.value == "95324001"
     metrics = train_skin_segmentation.evaluate(segmenter, held_out)
     assert metrics["dice"] >= 0.95 and metrics["iou"] >= 0.9  # the card: 0.987 and 0.974
+
+
+def test_with_its_segmentation_companion_the_handler_outlines_each_lesion(
+    model: PackagedModel, phantoms: list[SkinPhantom]
+) -> None:
+    outlining = SkinLesionHandler(companions={"segmentation": load_model(SEGMENTER)})
+    for i, phantom in enumerate(phantoms[:7]):
+        ds = dermoscopy_dataset(phantom, f"outline-{i}")
+        analysis = outlining.analyse([ds], model, model.manifest.options)
+        (mask,) = analysis.masks
+        assert mask.source is ds and mask.pixels.shape == phantom.mask.shape
+        assert mask.concept.value == "95324001" and mask.label == "Skin lesion"
+        overlap = (mask.pixels & phantom.mask).sum() / max((mask.pixels | phantom.mask).sum(), 1)
+        assert overlap >= 0.8, f"{phantom.kind}: IoU {overlap:.2f}"
+        assert analysis.record()["masks"] == [
+            {"sop_uid": ds.SOPInstanceUID, "label": "Skin lesion", "pixels": int(mask.pixels.sum())}
+        ]
+    assert not handler.analyse([ds], model, model.manifest.options).masks  # none without the companion
+
+
+def test_the_explained_finding_is_located_on_the_source_photograph(
+    model: PackagedModel, phantoms: list[SkinPhantom], analyses: list[Analysis]
+) -> None:
+    """The heatmap is drawn over the centre crop; its peak is placed back on the whole photograph."""
+    inside = 0
+    for phantom, analysis in zip(phantoms, analyses, strict=True):
+        (place,) = analysis.locations
+        assert 0 <= place.row < SHAPE[0] and 0 <= place.column < SHAPE[1]
+        lesion = cv2.dilate(phantom.mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        inside += bool(lesion[round(place.row), round(place.column)])
+    assert inside >= 0.8 * len(analyses)
+
+
+def test_a_job_loads_the_companion_its_route_names(tmp_path: Path) -> None:
+    photo = write_dermoscopy(tmp_path / "in", "mel", seed=7)
+    spec = JobSpec(1, "skin_lesion", "skin-lesion", companions={"segmentation": "skin-lesion-segmentation"})
+    output = run_job(Task(spec, [str(photo)], str(tmp_path / "out"), str(REPO / "models")))
+    assert [mask["label"] for mask in output.outcome["masks"]] == ["Skin lesion"]
+    assert {result.kind for result in output.results} == {"SC", "SR"}
+
+    wrong = replace(spec, companions={"segmentation": "skin-lesion"})  # a classifier in a segmenter's role
+    with pytest.raises(ValueError, match="must be a segmentation model, skin-lesion is a classification"):
+        run_job(Task(wrong, [str(photo)], str(tmp_path / "out"), str(REPO / "models")))

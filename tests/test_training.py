@@ -10,7 +10,7 @@ import pytest
 import tomli_w
 
 from node.runtime.package import MANIFEST, sha256_of
-from node.training import DEMO_MODELS
+from training import DEMO_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,26 +3,26 @@
 import os
 import time
 
-from node.pipeline import JobOutput, JobSpec
+from node.jobs.run import JobOutput, Task
 from node.runtime.package import ModelRefused
 
 
-def crash(spec: JobSpec) -> JobOutput:
+def crash(task: Task) -> JobOutput:
     os._exit(3)
 
 
-def hang(spec: JobSpec) -> JobOutput:
+def hang(task: Task) -> JobOutput:
     time.sleep(600)
     raise AssertionError("unreachable")
 
 
-def fail(spec: JobSpec) -> JobOutput:
-    raise ValueError(f"bad input for job {spec.job_id}")
+def fail(task: Task) -> JobOutput:
+    raise ValueError(f"bad input for job {task.spec.job_id}")
 
 
-def refuse(spec: JobSpec) -> JobOutput:
+def refuse(task: Task) -> JobOutput:
     raise ModelRefused("weights.pt: sha256 mismatch")
 
 
-def pid(spec: JobSpec) -> JobOutput:
+def pid(task: Task) -> JobOutput:
     raise RuntimeError(f"pid={os.getpid()}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
+from pydicom.sr.coding import Code
 
 from node.runtime.identity import ModelIdentity
 from node.runtime.package import Manifest, ModelPackage
@@ -96,6 +97,11 @@ class PackagedModel(ABC):
     @property
     def labels(self) -> Sequence[str]:
         return self.manifest.label_names
+
+    @property
+    def codes(self) -> Mapping[str, Code]:
+        """The coded concept each label stands for (labels the manifest leaves uncoded are absent)."""
+        return {label.name: label.code for label in self.manifest.labels if label.code is not None}
 
     @property
     def thresholds(self) -> Mapping[str, float]:

@@ -13,11 +13,22 @@ import logging
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydicom.sr.coding import Code
 
 from node.runtime.identity import DEFAULT_DISCLAIMER, ModelIdentity
 
@@ -38,6 +49,10 @@ class ManifestError(ValueError):
     """A manifest that cannot be read or does not follow the schema; the message names the key."""
 
 
+class ModelMissing(LookupError):
+    """No valid package of the name (and version) asked for."""
+
+
 class ModelRefused(Exception):
     """A package that must not run: weights missing or not the ones the manifest vouches for."""
 
@@ -46,17 +61,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LabelCode(_Strict):
-    """The coded concept a label stands for in results (e.g. SNOMED CT)."""
+def _code(table: Any) -> Code:
+    """A label's ``code`` table (``value``, ``scheme``, ``meaning``: the concept the label stands for
+    in results, e.g. SNOMED CT) as the one Code type the node uses, pydicom's."""
+    if isinstance(table, Code):
+        return table
+    if (
+        not isinstance(table, Mapping)
+        or set(table) != {"value", "scheme", "meaning"}
+        or not all(isinstance(part, str) and part for part in table.values())
+    ):
+        raise ValueError("a code is a table of value, scheme and meaning, each a non-empty string")
+    return Code(table["value"], table["scheme"], table["meaning"])
 
-    value: str = Field(min_length=1)
-    scheme: str = Field(min_length=1)
-    meaning: str = Field(min_length=1)
+
+def code_table(code: Code) -> dict[str, str]:
+    """A coded concept as a manifest writes it."""
+    return {"value": code.value, "scheme": code.scheme_designator, "meaning": code.meaning}
 
 
 class Label(_Strict):
     name: str = Field(min_length=1)
-    code: LabelCode | None = None
+    code: Annotated[Code, PlainValidator(_code), PlainSerializer(code_table)] | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
@@ -268,17 +294,15 @@ def semver_key(version: str) -> tuple[Any, ...]:
 
 
 def select(models_dir: str | os.PathLike[str], name: str, version: str | None = None) -> ModelPackage:
-    """The package ``name`` at ``version``, or its newest version; weights are verified here so a job is
-    refused before it is queued, not halfway through."""
+    """The package ``name`` at ``version``, or its newest version. Its weights are not read here:
+    loading verifies them (:func:`node.runtime.load_model`), and so does ``ainode check-config``."""
     candidates = [p for p in discover(models_dir) if p.manifest.name == name]
     if version is not None:
         candidates = [p for p in candidates if p.manifest.version == version]
     if not candidates:
         wanted = f"{name} {version}" if version else name
-        raise LookupError(f"no valid model package {wanted} in {models_dir}")
-    package = max(candidates, key=lambda p: semver_key(p.manifest.version))
-    verify_weights(package.path, package.manifest)
-    return package
+        raise ModelMissing(f"no valid model package {wanted} in {models_dir}")
+    return max(candidates, key=lambda p: semver_key(p.manifest.version))
 
 
 def identity(manifest: Manifest) -> ModelIdentity:

@@ -1,0 +1,2 @@
+"""DICOM plumbing the node's stages share: Application Entities for listening and sending, rendering a
+stored image for display, and the attributes several stages read (laterality, orientation)."""

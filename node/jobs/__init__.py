@@ -1,0 +1,19 @@
+"""Jobs: the state machine in the database (:mod:`.store`), who runs them (:mod:`.executor`, with the
+local process pool in :mod:`.local`), and what one job does (:mod:`.run`). Importing this package
+registers the built-in executor."""
+
+from node.jobs import local
+from node.jobs.executor import Executor, ExecutorContext, create_executor, dispatch, register_executor
+from node.jobs.store import Claim, JobFailed, JobStore
+
+__all__ = [
+    "Claim",
+    "Executor",
+    "ExecutorContext",
+    "JobFailed",
+    "JobStore",
+    "create_executor",
+    "dispatch",
+    "local",
+    "register_executor",
+]

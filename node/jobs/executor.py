@@ -1,0 +1,93 @@
+"""Who runs jobs: the :class:`Executor` protocol, the registry of executors, and the dispatcher.
+
+The node claims queued jobs from the store (:mod:`node.jobs.store`) as long as the executor has room
+and submits them; the executor runs them — in local worker processes (``local``, the embedded
+default), or wherever another implementation sends them — and records each outcome through the store.
+An executor registers itself by name with :func:`register_executor`; ``[jobs] executor`` chooses one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from node.config import Settings
+from node.jobs.store import Claim, JobStore
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    def start(self) -> None: ...
+
+    def capacity(self) -> int:
+        """How many more jobs it takes now."""
+        ...
+
+    def submit(self, claim: Claim) -> None:
+        """Run a claimed job; its outcome is recorded through the store (finish, fail or hand back)."""
+        ...
+
+    def cancel(self, job_id: int) -> None:
+        """Stop running a job if it runs here. Its outcome is not recorded: the caller decides it."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop; jobs it had not finished are handed back to the store uncounted."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExecutorContext:
+    """What an executor is built with."""
+
+    settings: Settings
+    store: JobStore
+    spool: Spool  # where the claimed files lie, and where results go
+    ended: Callable[[], None]  # to call after recording an outcome: wakes the dispatcher and the sender
+
+
+ExecutorFactory = Callable[[ExecutorContext], Executor]
+_EXECUTORS: dict[str, ExecutorFactory] = {}
+
+
+def register_executor(name: str) -> Callable[[ExecutorFactory], ExecutorFactory]:
+    """Make ``factory`` (an Executor class, say) the executor ``name``: a decorator."""
+
+    def add(factory: ExecutorFactory) -> ExecutorFactory:
+        known = _EXECUTORS.get(name)
+        if known is not None and known is not factory:
+            raise ValueError(f"executor {name!r} is registered twice")
+        _EXECUTORS[name] = factory
+        return factory
+
+    return add
+
+
+def create_executor(context: ExecutorContext) -> Executor:
+    name = context.settings.jobs.executor
+    try:
+        factory = _EXECUTORS[name]
+    except KeyError:
+        raise LookupError(f"jobs.executor: no executor {name!r}; known: {sorted(_EXECUTORS)}") from None
+    return factory(context)
+
+
+def dispatch(store: JobStore, executor: Executor) -> int:
+    """Claim queued jobs while the executor has room, and submit them. Returns how many."""
+    submitted = 0
+    while executor.capacity() > 0:
+        claim = store.claim()
+        if claim is None:
+            break
+        try:
+            executor.submit(claim)
+        except Exception:  # the job must not stay running with nobody running it
+            log.exception("submitting job %d failed", claim.spec.job_id)
+            store.hand_back(claim.spec.job_id, "the executor did not take the job")
+            break
+        submitted += 1
+    return submitted
