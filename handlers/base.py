@@ -274,10 +274,6 @@ class Handler(ABC):
     companion_roles: ClassVar[Mapping[str, Task]] = {}
 
     def __init__(self, companions: Mapping[str, Any] | None = None) -> None:
-        unknown = sorted(set(companions or {}) - set(self.companion_roles))
-        if unknown:
-            roles = list(self.companion_roles)
-            raise ValueError(f"{self.name} takes no companion model {unknown}; its roles: {roles}")
         self.companions: Mapping[str, Any] = dict(companions or {})
 
     @abstractmethod

@@ -187,15 +187,20 @@ def _outline(
     boxes: Sequence[tuple[int, int, int, int]],
 ) -> list[Mask]:
     """The lesion on each photograph: the segmentation of the same crop the classifier saw, its lesion
-    probability resized to the crop and cut at one half, placed where the crop lies."""
+    probability resized to the crop and cut at the label's threshold (the manifest's, else one half),
+    placed where the crop lies."""
     labels = model_labels("skin_lesion segmentation", model, [LESION_LABEL])
-    lesion, concept = labels.index[LESION_LABEL], labels.code[LESION_LABEL]
+    lesion, concept, cut = (
+        labels.index[LESION_LABEL],
+        labels.code[LESION_LABEL],
+        labels.threshold[LESION_LABEL],
+    )
     masks = []
     for ds, crop, (top, left, side, _) in zip(datasets, crops, boxes, strict=True):
         probability = model.segment(preprocess(crop, model.input_size, 1.0)[None])[0, lesion]
         pixels = np.zeros((int(ds.Rows), int(ds.Columns)), bool)
         pixels[top : top + side, left : left + side] = (
-            cv2.resize(probability, (side, side), interpolation=cv2.INTER_LINEAR) >= 0.5
+            cv2.resize(probability, (side, side), interpolation=cv2.INTER_LINEAR) >= cut
         )
         masks.append(Mask(ds, pixels, concept, concept.meaning))
     return masks

@@ -2,10 +2,12 @@
 
 Each event's hash covers the previous event's hash, so a deleted or edited row breaks the chain and
 :func:`verify` finds it. An event is recorded in the transaction whose change it describes
-(:func:`record`) and joins the chain when that transaction commits: only then is the appender
-serialised — by a PostgreSQL advisory lock, or SQLite's own write lock — for as long as it takes to
-read the chain's head and insert the events. So two writers never fork the chain, whichever process
-they run in, and no work of the caller's ever waits on the audit log.
+(:func:`record`, stamped with the time it was recorded) and joins the chain when that transaction
+commits: only then is the appender serialised, by the database — a PostgreSQL advisory lock, or
+SQLite's writer lock — while it reads the chain's head and inserts the events. So two writers never
+fork the chain, whichever process they run in, and no work a transaction does before it commits
+waits on the audit log. (With SQLite that relies on pysqlite's default transaction handling, which
+begins a transaction at its first write, so the head is read by the transaction holding the lock.)
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def append(db: Database, action: str, **kwargs: Any) -> None:
 def _chain(session: Session) -> None:
     """The one serialised appender: the transaction's own changes are written first (so it holds no
     lock another appender could wait on), then the database's lock is taken and the events chained."""
+    if session.get_nested_transaction() is not None:
+        return  # a savepoint is released: the events wait for the transaction itself to commit
     events = session.info.pop(_PENDING, None)
     if not events:
         return

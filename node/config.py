@@ -93,7 +93,7 @@ class Destination(_Section):
 
 
 class OutputSpec(_Section):
-    """One output of a route: a registered writer (see node.outputs), and where its objects go."""
+    """One output of a route: a registered writer (see node.outputs), and the series its objects form."""
 
     writer: str
     series_number: int | None = Field(None, ge=1, le=2**31 - 1)  # None: the writer's default

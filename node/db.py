@@ -21,6 +21,7 @@ from sqlalchemy import (
     Enum,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -124,8 +125,9 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     ready_at: Mapped[datetime | None] = mapped_column(nullable=True)
     route_note: Mapped[str] = mapped_column(Text, default="")
-    # The first instance's header as DICOM JSON, bulk data left out: what routing matches on.
-    header: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    # The first instance's header as received, without pixel data: what routing matches on
+    # (node.dicom.header). Null for series indexed before revision 0002.
+    header: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="series", order_by="Job.id")

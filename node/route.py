@@ -28,7 +28,7 @@ from handlers import handler_class
 from node import audit
 from node.config import Route
 from node.db import Database, Job, Series, SeriesStatus
-from node.dicom.header import from_json
+from node.dicom.header import decode
 from node.outputs import check_output
 
 log = logging.getLogger(__name__)
@@ -174,29 +174,21 @@ class _Ready:
     series_uid: str
     modality: str
     body_part: str
-    subject: Subject | None  # None: no instance left to route on
-    note: str  # why there is no subject
+    called_ae: str
+    calling_ae: str
+    header: bytes | None  # as kept at arrival (node.dicom.header)
+    first_file: str | None  # None: no instance left to route on
 
 
-def _ready(series: Series) -> _Ready:
-    note = ""
-    subject = None
-    if not series.instances:
-        note = "no instances left in this series"
+def _subject(series: _Ready) -> Subject:
+    """What the routes look at. A series indexed before headers were kept (revision 0002), or whose
+    header could not be kept, is read from its first file."""
+    if series.header is not None:
+        header = decode(series.header)
     else:
-        try:
-            # A series indexed before its header was kept (revision 0002) is read from its file once.
-            header = (
-                from_json(series.header)
-                if series.header is not None
-                else dcmread(series.instances[0].path, stop_before_pixels=True)
-            )
-            subject = Subject(header=header, called_ae=series.called_ae, calling_ae=series.calling_ae)
-        except (OSError, InvalidDicomError, ValueError) as exc:
-            note = f"header unreadable: {exc}"
-    return _Ready(
-        series.id, series.study.study_uid, series.series_uid, series.modality, series.body_part, subject, note
-    )
+        assert series.first_file is not None
+        header = dcmread(series.first_file, stop_before_pixels=True)
+    return Subject(header=header, called_ae=series.called_ae, calling_ae=series.calling_ae)
 
 
 def route_ready(db: Database, routes: Sequence[Route]) -> int:
@@ -208,17 +200,32 @@ def route_ready(db: Database, routes: Sequence[Route]) -> int:
     """
     with db.session() as session:
         ready = [
-            _ready(series)
+            _Ready(
+                series.id,
+                series.study.study_uid,
+                series.series_uid,
+                series.modality,
+                series.body_part,
+                series.called_ae,
+                series.calling_ae,
+                series.header,
+                series.instances[0].path if series.instances else None,
+            )
             for series in session.scalars(select(Series).where(Series.status == SeriesStatus.READY))
         ]
     created = 0
     for series in ready:
-        try:
-            chosen = choose(routes, series.subject) if series.subject is not None else []
-            note = series.note
-        except Exception as exc:
-            log.exception("routing a series failed")
-            chosen, note = [], f"routing failed: {type(exc).__name__}"
+        chosen: list[Route] = []
+        if series.first_file is None:
+            note = "no instances left in this series"
+        else:
+            try:
+                chosen, note = choose(routes, _subject(series)), ""
+            except (OSError, InvalidDicomError) as exc:
+                note = f"first instance unreadable: {exc}"
+            except Exception as exc:  # one series that cannot be routed must not hold up the rest
+                log.exception("routing a series failed")
+                note = f"routing failed: {type(exc).__name__}"
         created += _record(db, series, chosen, note)
     return created
 

@@ -7,7 +7,7 @@ import queue
 import threading
 
 from node.jobs import Claim, ExecutorContext, JobFailed, register_executor
-from node.jobs.run import Task, run_job
+from node.jobs.run import run_job
 
 ran_on: list[str] = []  # the threads that ran jobs, for the test to see who did
 
@@ -40,10 +40,9 @@ class InlineExecutor:
     def _loop(self) -> None:
         while (claim := self._claims.get()) is not None:
             job_id = claim.spec.job_id
-            where = (str(self.context.spool.result_dir(job_id)), str(self.context.settings.node.models_dir))
             ran_on.append(threading.current_thread().name)
             try:
-                output = run_job(Task(claim.spec, claim.files, *where))
+                output = run_job(self.context.task(claim))
             except Exception as exc:
                 self.context.store.fail(job_id, JobFailed("error", f"{type(exc).__name__}: {exc}"))
             else:

@@ -5,7 +5,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select, update
 
@@ -256,3 +256,17 @@ def test_a_series_reopened_while_it_is_routed_waits_again(
     assert series_status(db) == SeriesStatus.RECEIVING
     with db.session() as session:
         assert session.scalars(select(Job)).all() == []
+
+
+def test_a_spool_file_from_before_ae_titles_were_kept_routes_on_the_nodes_own(
+    db: Database, tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path)
+    older = instance(spool)
+    header = dcmread(older.path)
+    del header.file_meta.SendingApplicationEntityTitle, header.file_meta.ReceivingApplicationEntityTitle
+    header.save_as(older.path, enforce_file_format=True)
+    settings = Settings.model_validate({"node": {"ae_title": "AINODE"}})
+    assert Ingest(settings, db, spool, Indexer(db, StudySettings(), on_ready=lambda: None)).reconcile() == 1
+    with db.session() as session:
+        assert session.scalars(select(Series.called_ae)).one() == "AINODE"

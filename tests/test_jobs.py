@@ -115,3 +115,10 @@ def test_a_cancelled_job_stops_and_its_outcome_is_left_to_the_caller(db: Databas
     assert job(db).status == JobStatus.RUNNING  # nothing recorded: not failed, not retried
     with db.session() as session:
         assert not {"job.failed", "job.retry"} & set(session.scalars(select(AuditEvent.action)))
+
+
+def test_an_outcome_is_recorded_only_for_a_job_still_running(db: Database, tmp_path: Path) -> None:
+    queued_job(db, tmp_path, model="ct-hemorrhage")
+    jobs = JobStore(db, Settings().jobs)
+    assert jobs.fail(job(db).id, JobFailed("crashed", "late news")) is False  # queued, not running
+    assert (job(db).status, job(db).attempts, job(db).error) == (JobStatus.QUEUED, 0, "")

@@ -15,6 +15,7 @@ from handlers.base import Analysis, Finding
 from handlers.skin_lesion import SkinLesionHandler, centre_crop, parse_options, preprocess
 from node.jobs.run import JobSpec, Task, run_job
 from node.runtime import PackagedModel, load_model
+from node.runtime.package import ModelMissing
 from node.runtime.validate import validate_package
 from training import train_skin_lesion, train_skin_segmentation
 from training.demo_dicom import photograph, radiograph
@@ -269,5 +270,5 @@ def test_a_job_loads_the_companion_its_route_names(tmp_path: Path) -> None:
     assert {result.kind for result in output.results} == {"SC", "SR"}
 
     wrong = replace(spec, companions={"segmentation": "skin-lesion"})  # a classifier in a segmenter's role
-    with pytest.raises(ValueError, match="must be a segmentation model, skin-lesion is a classification"):
+    with pytest.raises(ModelMissing, match="must be a segmentation model, skin-lesion is a classification"):
         run_job(Task(wrong, [str(photo)], str(tmp_path / "out"), str(REPO / "models")))

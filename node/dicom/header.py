@@ -1,38 +1,28 @@
-"""An instance's header kept in the database as DICOM JSON (PS3.18 F.2), so that routing reads the
-tags it matches on from there instead of from the file again.
-
-Bulk data (pixel data, icons, large binary values) is left out; an element pydicom cannot convert is
-skipped rather than losing the whole header.
-"""
+"""An instance's header kept in the database, so that routing reads the tags it matches on from there
+instead of from the file again: the data set as received, pixel data left out, in its own transfer
+syntax — every value exactly as the sender wrote it."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from io import BytesIO
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
-_LEFT_OUT = "ainode:left-out"  # marks bulk data while converting; such elements are then removed
-_BULK = 1024  # bytes: binary values longer than this are bulk data
-
-
-def to_json(ds: Dataset) -> dict[str, Any]:
-    """The header of ``ds`` as DICOM JSON, without bulk data."""
-    converted = ds.to_json_dict(
-        bulk_data_threshold=_BULK, bulk_data_element_handler=lambda _: _LEFT_OUT, suppress_invalid_tags=True
-    )
-    return _without_bulk(converted)
+log = logging.getLogger(__name__)
 
 
-def from_json(header: dict[str, Any]) -> Dataset:
-    return Dataset.from_json(header)
+def encode(header: Dataset) -> bytes | None:
+    """``header`` (read without its pixel data) as a DICOM file; None when pydicom cannot write it
+    back, and routing then reads the instance's file instead."""
+    buffer = BytesIO()
+    try:
+        header.save_as(buffer, enforce_file_format=True)
+    except Exception as exc:
+        log.warning("a header could not be kept for routing: %s", type(exc).__name__)
+        return None
+    return buffer.getvalue()
 
 
-def _without_bulk(elements: dict[str, Any]) -> dict[str, Any]:
-    kept = {}
-    for tag, element in elements.items():
-        if element.get("BulkDataURI") == _LEFT_OUT:
-            continue
-        if element.get("vr") == "SQ" and "Value" in element:
-            element = {**element, "Value": [_without_bulk(item) for item in element["Value"]]}
-        kept[tag] = element
-    return kept
+def decode(stored: bytes) -> Dataset:
+    return dcmread(BytesIO(stored))

@@ -57,9 +57,10 @@ class Origin:
         audit.append(db, action, actor=self.calling_ae, outcome=outcome, address=self.address, **detail)
 
 
-def arrival_of(path: Path, size: int, header: Dataset) -> Arrival:
+def arrival_of(path: Path, size: int, header: Dataset, called_ae: str = "") -> Arrival:
     """What a spool file is, read from its header and meta information alone (where the node keeps
-    the AE titles it came with): so an instance reconciled after a crash routes as it would have."""
+    the AE titles it came with): so an instance reconciled after a crash routes as it would have.
+    ``called_ae`` stands in for a file written before the node kept them there."""
     meta = header.file_meta
     return Arrival(
         study_uid=check_uid(header.get("StudyInstanceUID"), "StudyInstanceUID"),
@@ -71,7 +72,7 @@ def arrival_of(path: Path, size: int, header: Dataset) -> Arrival:
         size=size,
         header=header,
         calling_ae=str(meta.get("SendingApplicationEntityTitle", "")).strip(),
-        called_ae=str(meta.get("ReceivingApplicationEntityTitle", "")).strip(),
+        called_ae=str(meta.get("ReceivingApplicationEntityTitle", called_ae)).strip(),
     )
 
 
@@ -152,7 +153,8 @@ class Ingest:
             if path.stem in known:
                 continue
             try:
-                arrival = arrival_of(path, path.stat().st_size, dcmread(path, stop_before_pixels=True))
+                header = dcmread(path, stop_before_pixels=True)
+                arrival = arrival_of(path, path.stat().st_size, header, self.settings.node.ae_title)
             except Exception as exc:  # one damaged file must not keep the node from starting
                 log.warning("spool file %s unreadable: %s", path.name, type(exc).__name__)
                 audit.append(

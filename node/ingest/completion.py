@@ -16,13 +16,13 @@ from node import audit
 from node.config import StudySettings
 from node.db import Database, Series, SeriesStatus, utcnow
 
-ROUTED = (SeriesStatus.ROUTED, SeriesStatus.NO_ROUTE)
+HANDLED = (SeriesStatus.ROUTED, SeriesStatus.NO_ROUTE)  # routing has decided
 
 
 def arrived(series: Series, settings: StudySettings, now: datetime, duplicate: bool) -> bool:
     """Update ``series``' readiness for an instance just indexed into it. Returns whether the instance
     is late (a new one after the series was routed)."""
-    late = series.status in ROUTED and not duplicate
+    late = series.status in HANDLED and not duplicate
     if late:
         series.late_instances = (series.late_instances or 0) + 1
     series.last_received_at = now

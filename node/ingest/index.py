@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from node import audit
 from node.config import StudySettings
 from node.db import Database, Instance, Patient, Series, SeriesStatus, Study, utcnow
-from node.dicom.header import to_json
+from node.dicom.header import encode
 from node.ingest import completion
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
             series_number=_int(ds, "SeriesNumber"),
             calling_ae=arrival.calling_ae,
             called_ae=arrival.called_ae,
-            header=to_json(ds),
+            header=encode(ds),
             first_received_at=now,
         )
         session.add(series)

@@ -17,7 +17,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.config import Settings
 from node.db import Database
 from node.dicom.network import SOCKET_HANDLERS, listening_ae
-from node.ingest.accept import Ingest, Origin, Refused
+from node.ingest.accept import OUT_OF_RESOURCES, Ingest, Origin, Refused
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class Receiver:
     def _on_store(self, event: Any) -> int:
         try:
             self.ingest.accept(event.file_meta, event.encoded_dataset(include_meta=False), _origin(event))
-        except Refused as refusal:  # the only exception accept raises: the listener never dies of one
+        except Refused as refusal:  # accept audits its refusals and raises nothing else
             return refusal.status
+        except Exception:  # pynetdicom could not hand the request over: the sender tries again later
+            log.exception("C-STORE request unreadable")
+            return OUT_OF_RESOURCES
         return SUCCESS

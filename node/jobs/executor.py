@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from node.config import Settings
+from node.jobs.run import Task
 from node.jobs.store import Claim, JobStore
 from node.spool import Spool
 
@@ -48,6 +49,12 @@ class ExecutorContext:
     store: JobStore
     spool: Spool  # where the claimed files lie, and where results go
     ended: Callable[[], None]  # to call after recording an outcome: wakes the dispatcher and the sender
+
+    def task(self, claim: Claim) -> Task:
+        """A claimed job to run on this machine: the spool's files, results into the spool, the
+        configured model packages."""
+        out_dir = self.spool.result_dir(claim.spec.job_id)
+        return Task(claim.spec, claim.files, str(out_dir), str(self.settings.node.models_dir))
 
 
 ExecutorFactory = Callable[[ExecutorContext], Executor]

@@ -57,7 +57,7 @@ class WorkerSlot:
         self._work = work  # a module-level function, so the spawned process can import it
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
-        self.interrupted = False  # set by interrupt(); the pool clears it before the slot's next job
+        self._interrupted = False  # by interrupt(), until clear_interrupt() before the next job
 
     def _ensure(self) -> Connection:
         if self._process is None or not self._process.is_alive() or self._conn is None:
@@ -76,10 +76,10 @@ class WorkerSlot:
 
     def run(self, task: Task, timeout: float) -> JobOutput:
         conn = self._ensure()
-        if self.interrupted:  # interrupted while its process was starting
+        if self._interrupted:  # interrupted while its process was starting
             self.interrupt()
-        conn.send(task)
         try:
+            conn.send(task)
             ready = conn.poll(timeout)
             reply = conn.recv() if ready else None
         except (EOFError, OSError):
@@ -101,10 +101,13 @@ class WorkerSlot:
     def interrupt(self) -> None:
         """Stop the job running in this slot now, even one whose process is still starting; :meth:`run`
         then fails with ``crashed``."""
-        self.interrupted = True
+        self._interrupted = True
         process = self._process
         if process is not None and process.is_alive():
             process.kill()
+
+    def clear_interrupt(self) -> None:
+        self._interrupted = False
 
     def close(self) -> None:
         if self._conn is not None:
@@ -128,6 +131,7 @@ class LocalPool:
         self._slots = [WorkerSlot(node.torch_threads, work, node.plugins) for _ in range(node.workers)]
         self._queue: queue.Queue[Claim | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._outstanding: set[int] = set()  # submitted and not yet ended: waiting or running
         self._running: dict[int, WorkerSlot] = {}  # job id → the slot running it
         self._cancelled: set[int] = set()
         self._stopping = threading.Event()
@@ -142,13 +146,17 @@ class LocalPool:
 
     def capacity(self) -> int:
         with self._lock:
-            return len(self._slots) - len(self._running) - self._queue.qsize()
+            return len(self._slots) - len(self._outstanding)
 
     def submit(self, claim: Claim) -> None:
+        with self._lock:
+            self._outstanding.add(claim.spec.job_id)
         self._queue.put(claim)
 
     def cancel(self, job_id: int) -> None:
         with self._lock:
+            if job_id not in self._outstanding:
+                return
             self._cancelled.add(job_id)
             slot = self._running.get(job_id)
             if slot is not None:
@@ -171,43 +179,44 @@ class LocalPool:
             job_id = claim.spec.job_id
             with self._lock:
                 stopping, cancelled = self._stopping.is_set(), job_id in self._cancelled
-                if cancelled:
-                    self._cancelled.discard(job_id)
-                elif not stopping:
-                    slot.interrupted = False
+                if not (stopping or cancelled):
+                    slot.clear_interrupt()
                     self._running[job_id] = slot
-            if stopping and not cancelled:  # submitted, never started: not the job's fault
-                self.context.store.hand_back(job_id, "node stopping before the job started")
-            if stopping or cancelled:
-                continue
             try:
-                self._run(slot, claim)
+                if not (stopping or cancelled):
+                    self._run(slot, claim)
+                elif not cancelled:  # submitted, never started: not the job's fault (a cancelled job's
+                    # canceller decides what becomes of it)
+                    self.context.store.hand_back(job_id, "node stopping before the job started")
             except Exception:  # recording the outcome failed: the job stays running until restart
                 log.exception("job %d: recording its outcome failed", job_id)
             finally:
                 with self._lock:
                     self._running.pop(job_id, None)
                     self._cancelled.discard(job_id)
-            self.context.ended()
+                    self._outstanding.discard(job_id)
+            try:
+                self.context.ended()
+            except Exception:  # a wake-up that failed must not take the slot down
+                log.exception("waking the node after job %d failed", job_id)
 
     def _run(self, slot: WorkerSlot, claim: Claim) -> None:
         store, job_id = self.context.store, claim.spec.job_id
-        task = Task(
-            claim.spec,
-            claim.files,
-            str(self.context.spool.result_dir(job_id)),
-            str(self.context.settings.node.models_dir),
-        )
+        output: JobOutput | JobFailed
         try:
-            output = slot.run(task, self.context.settings.jobs.timeout_seconds)
-        except Exception as exc:
-            if not isinstance(exc, JobFailed):  # e.g. the worker could not start
-                slot.close()
-                exc = JobFailed("error", f"{type(exc).__name__}: {exc}")
+            output = slot.run(self.context.task(claim), self.context.settings.jobs.timeout_seconds)
+        except JobFailed as failure:
+            output = failure
+        except Exception as exc:  # e.g. the worker could not start
+            slot.close()
+            output = JobFailed("error", f"{type(exc).__name__}: {exc}")
+        if job_id in self._cancelled:  # the canceller decides what becomes of it
+            return
+        if isinstance(output, JobFailed):
             if self._stopping.is_set():
                 store.hand_back(job_id, "node stopping while the job was running")
-            elif job_id not in self._cancelled:
-                store.fail(job_id, exc)
+            else:
+                store.fail(job_id, output)
             return
         try:
             store.finish(job_id, output)

@@ -24,7 +24,7 @@ from node.config import DEFAULT_OUTPUTS, OutputSpec
 from node.outputs import write_outputs
 from node.runtime import PackagedModel, load_model
 from node.runtime.identity import ModelIdentity
-from node.runtime.package import select
+from node.runtime.package import ModelMissing, select
 from node.spool import write_atomic
 
 
@@ -83,13 +83,14 @@ def loaded(models_dir: str | os.PathLike[str], name: str, version: str | None = 
 
 
 def _companions(task: Task) -> dict[str, PackagedModel]:
+    """The route's further models, loaded; one that cannot fill its role is as good as missing."""
     roles = handler_class(task.spec.handler).companion_roles
     companions = {}
     for role, name in task.spec.companions.items():
         model = loaded(task.models_dir, name)
         if model.manifest.task != roles.get(role):
-            raise ValueError(
-                f"{task.spec.handler}: the {role} model must be a {roles.get(role)} model, "
+            raise ModelMissing(
+                f"{task.spec.handler}: the {role} model must be a {roles.get(role) or 'no'} model, "
                 f"{name} is a {model.manifest.task} model"
             )
         companions[role] = model

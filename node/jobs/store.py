@@ -87,7 +87,9 @@ class JobStore:
     def finish(self, job_id: int, output: JobOutput) -> None:
         """Record a job's results, and queue a send of each to each of the job's destinations."""
         with self.db.session() as session:
-            job = session.get_one(Job, job_id)
+            job = _running(session, job_id)
+            if job is None:
+                return
             job.status = JobStatus.DONE
             job.finished_at = utcnow()
             job.model_version = output.model.version
@@ -133,7 +135,9 @@ class JobStore:
     def fail(self, job_id: int, failure: JobFailed) -> bool:
         """Record a failed attempt. Returns whether the job is queued to run again."""
         with self.db.session() as session:
-            job = session.get_one(Job, job_id)
+            job = _running(session, job_id)
+            if job is None:
+                return False
             retry = failure.kind not in NOT_RETRIED and job.attempts < self.settings.max_attempts
             job.status = JobStatus.QUEUED if retry else JobStatus.FAILED
             job.error = str(failure)[:4000]
@@ -163,11 +167,12 @@ class JobStore:
 
     def hand_back(self, job_id: int, reason: str) -> None:
         """Queue a running job again without counting its attempt: it was interrupted through no
-        fault of its own (the node is stopping)."""
+        fault of its own (the node is stopping, the executor did not take it)."""
         with self.db.session() as session:
-            job = session.get_one(Job, job_id)
-            job.attempts -= 1
-            _requeue(session, job, reason)
+            job = _running(session, job_id)
+            if job is not None:
+                job.attempts -= 1
+                _requeue(session, job, reason)
 
     def requeue_interrupted(self) -> int:
         """Jobs left running by a node that stopped: queue them again. Returns how many."""
@@ -176,6 +181,16 @@ class JobStore:
             for job in jobs:
                 _requeue(session, job, "node restarted while the job was running")
             return len(jobs)
+
+
+def _running(session: Session, job_id: int) -> Job | None:
+    """The job, if it is still running: an outcome is recorded only for a job that was claimed and
+    whose state nobody has decided since (a cancelled and deleted job, say)."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != JobStatus.RUNNING:
+        log.warning("job %d is no longer running; its outcome is not recorded", job_id)
+        return None
+    return job
 
 
 def _requeue(session: Session, job: Job, reason: str) -> None:

@@ -20,8 +20,8 @@ DEFAULT_OUTPUTS = '[{"writer": "sc"}, {"writer": "sr"}]'  # what every route wro
 
 def upgrade() -> None:
     with op.batch_alter_table("series", schema=None) as batch_op:
-        # Null for series indexed before this revision: routing reads their first file once.
-        batch_op.add_column(sa.Column("header", sa.JSON(), nullable=True))
+        # Null for series indexed before this revision: routing reads their first file instead.
+        batch_op.add_column(sa.Column("header", sa.LargeBinary(), nullable=True))
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("outputs", sa.JSON(), nullable=False, server_default=sa.text(f"'{DEFAULT_OUTPUTS}'"))
