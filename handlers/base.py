@@ -242,7 +242,8 @@ def model_labels(
     missing = [label for label in (*read, *reported) if label not in names]
     if missing:
         raise ValueError(f"{handler} needs a model with labels {[*read, *reported]}, missing {missing}")
-    uncoded = [label for label in reported if label not in model.codes]
+    codes = model.codes
+    uncoded = [label for label in reported if label not in codes]
     if uncoded:
         raise ValueError(f"{handler}: the model's manifest gives no code for labels {uncoded}")
     routed: Mapping[str, float | None] = (
@@ -251,7 +252,7 @@ def model_labels(
     chosen = {label: routed.get(label) for label in reported}
     return Labels(
         index={label: names.index(label) for label in (*read, *reported)},
-        code={label: model.codes[label] for label in reported},
+        code={label: codes[label] for label in reported},
         threshold={
             label: float(model.thresholds.get(label, DEFAULT_THRESHOLD)) if value is None else float(value)
             for label, value in chosen.items()

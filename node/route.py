@@ -23,11 +23,12 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from handlers import handler_class
 from node import audit
 from node.config import Route
-from node.db import Database, Job, Series, SeriesStatus
+from node.db import Database, Instance, Job, Series, SeriesStatus
 from node.dicom.header import decode
 from node.outputs import check_output
 
@@ -176,8 +177,9 @@ class _Ready:
     body_part: str
     called_ae: str
     calling_ae: str
+    instances: int
     header: bytes | None  # as kept at arrival (node.dicom.header)
-    first_file: str | None  # None: no instance left to route on
+    first_file: str | None  # read only where no header was kept
 
 
 def _subject(series: _Ready) -> Subject:
@@ -186,9 +188,16 @@ def _subject(series: _Ready) -> Subject:
     if series.header is not None:
         header = decode(series.header)
     else:
-        assert series.first_file is not None
+        if series.first_file is None:
+            raise OSError("no file to read the header from")
         header = dcmread(series.first_file, stop_before_pixels=True)
     return Subject(header=header, called_ae=series.called_ae, calling_ae=series.calling_ae)
+
+
+def _first_file(session: Session, series_id: int) -> str | None:
+    return session.scalar(
+        select(Instance.path).where(Instance.series_fk == series_id).order_by(Instance.id).limit(1)
+    )
 
 
 def route_ready(db: Database, routes: Sequence[Route]) -> int:
@@ -208,15 +217,16 @@ def route_ready(db: Database, routes: Sequence[Route]) -> int:
                 series.body_part,
                 series.called_ae,
                 series.calling_ae,
+                series.instance_count,
                 series.header,
-                series.instances[0].path if series.instances else None,
+                None if series.header is not None else _first_file(session, series.id),
             )
             for series in session.scalars(select(Series).where(Series.status == SeriesStatus.READY))
         ]
     created = 0
     for series in ready:
         chosen: list[Route] = []
-        if series.first_file is None:
+        if not series.instances:
             note = "no instances left in this series"
         else:
             try:
