@@ -10,6 +10,8 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[tensorflow,test]"
 
 packages="orthanc dcmtk dicom3tools"
+# --test: Node.js for tests/ohif, which opens SR and SEG objects with the npm libraries OHIF 3.13 uses
+[ "${1:-}" = "--test" ] && ! command -v node >/dev/null && packages="$packages nodejs npm"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -22,4 +24,5 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".${extras}"
+[ "${1:-}" = "--test" ] && npm ci --prefix tests/ohif --no-audit --no-fund --loglevel=error >/dev/null
 echo "installed: $(.venv/bin/ainode --help | head -1)"

@@ -12,34 +12,99 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 
+import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 
-__all__ = ["Analysis", "Code", "Explanation", "Finding", "Handler", "Location", "Mask", "Model"]
+if TYPE_CHECKING:
+    from node.runtime.identity import ModelIdentity
+
+__all__ = [
+    "Analysis",
+    "Code",
+    "Explanation",
+    "Finding",
+    "Handler",
+    "Location",
+    "Mask",
+    "Model",
+    "SIDES",
+    "Site",
+    "outline",
+]
+
+# The sides a finding site names (SNOMED CT, DICOM CID 244), by the letters DICOM's laterality uses.
+SIDES: Mapping[str, Code] = {"R": Code("24028007", "SCT", "Right"), "L": Code("7771000", "SCT", "Left")}
+HOT = 0.5  # of a heatmap's peak: the hot area a finding's outline encloses
+_MAX_VERTICES = 48  # an outline is simplified until it has at most this many vertices
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where in the body a finding lies (DICOM TID 1419 "Finding Site"): an anatomic structure, its
+    side where it has one, and where within it (e.g. anterior)."""
+
+    structure: Code
+    laterality: Code | None = None
+    modifier: Code | None = None
+
+    @property
+    def words(self) -> str:
+        """The site as a reader says it: "Left posterior Brain"."""
+        parts = [c.meaning for c in (self.laterality, self.modifier) if c is not None]
+        return " ".join([*parts, self.structure.meaning]).capitalize()
 
 
 @dataclass(frozen=True)
 class Finding:
-    """What the model says about one label, for the whole series."""
+    """What the model says about one label, for the whole series (or, with a site, for one part of
+    the patient, e.g. one eye)."""
 
     concept: Code
     present: bool
     probability: float
     threshold: float
+    site: Site | None = None
+    # The source image that shows the finding most, where the handler knows it: the report anchors the
+    # finding there when no explanation locates it.
+    image: Dataset | None = field(default=None, compare=False, repr=False)
+
+
+def outline(mask: np.ndarray, around: tuple[int, int] | None = None) -> np.ndarray:
+    """The outer contour of a region of ``mask`` as (N, 2) float (column, row) pixel positions,
+    simplified to at most a few dozen vertices: the region holding the pixel ``around`` (row,
+    column), else the largest. Empty (0, 2) when the mask is empty."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return np.zeros((0, 2), np.float64)
+    chosen = max(contours, key=cv2.contourArea)
+    if around is not None:
+        point = (float(around[1]), float(around[0]))
+        inside = [c for c in contours if cv2.pointPolygonTest(c, point, False) >= 0]
+        chosen = inside[0] if inside else chosen
+    tolerance = 0.5
+    simplified = chosen
+    while len(simplified) > _MAX_VERTICES:
+        simplified = cv2.approxPolyDP(chosen, tolerance, closed=True)
+        tolerance *= 1.5
+    return simplified.reshape(-1, 2).astype(np.float64)
 
 
 @dataclass(frozen=True)
 class Location:
-    """Where on one source image a finding shows most, in that image's pixels (row, column)."""
+    """Where on one source image a finding shows most, in that image's pixels: the heatmap's peak
+    (row, column), and the outline of the hot area around it ((column, row) vertices, closed
+    implicitly; fewer than three vertices when the hot area is too small to outline)."""
 
     source: Dataset
     row: float
     column: float
     label: str
+    outline: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -54,17 +119,31 @@ class Explanation:
     # (top, left, height, width) of the source pixels that ``image`` shows, scaled to its size; None:
     # the whole source image.
     region: tuple[int, int, int, int] | None = None
+    finding: Finding | None = field(default=None, compare=False)  # the finding this image explains
+
+    @property
+    def source_region(self) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the source pixels ``image`` shows."""
+        return self.region or (0, 0, int(self.source.Rows), int(self.source.Columns))
+
+    def to_source(self, points: np.ndarray) -> np.ndarray:
+        """(column, row) pixel positions in ``image`` → the same places in the source's pixels."""
+        top, left, height, width = self.source_region
+        scale = np.array([width / self.heatmap.shape[1], height / self.heatmap.shape[0]])
+        return np.array([left, top]) + (np.asarray(points, np.float64) + 0.5) * scale - 0.5
 
     @property
     def location(self) -> Location | None:
-        """The heatmap's peak, on the source image; None for a heatmap without any heat."""
-        if not float(self.heatmap.max()) > 0.0:
+        """The heatmap's peak and the outline of the hot area around it, on the source image; None
+        for a heatmap without any heat."""
+        peak = float(self.heatmap.max())
+        if not peak > 0.0:
             return None
-        top, left, height, width = self.region or (0, 0, int(self.source.Rows), int(self.source.Columns))
         row, column = np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape)
-        scale_y, scale_x = height / self.heatmap.shape[0], width / self.heatmap.shape[1]
+        hot = outline(self.heatmap >= HOT * peak, around=(int(row), int(column)))
+        (source_column, source_row), *border = self.to_source(np.array([[column, row], *hot]))
         return Location(
-            self.source, top + (row + 0.5) * scale_y - 0.5, left + (column + 0.5) * scale_x - 0.5, self.label
+            self.source, float(source_row), float(source_column), self.label, np.array(border).reshape(-1, 2)
         )
 
 
@@ -76,6 +155,7 @@ class Mask:
     pixels: np.ndarray  # (rows, columns) bool, the source's size
     concept: Code
     label: str
+    model: ModelIdentity | None = None  # the model that drew it, where not the job's own (a companion)
 
 
 @dataclass(frozen=True)
@@ -124,6 +204,7 @@ class Analysis:
                     "present": f.present,
                     "probability": round(float(f.probability), 4),
                     "threshold": f.threshold,
+                    **({"site": f.site.words} if f.site else {}),
                 }
                 for f in self.findings
             ],
@@ -208,6 +289,11 @@ class SegmentationModel(Protocol):
 
     @property
     def input_size(self) -> tuple[int, int]: ...
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Which model this is: the masks it draws name it."""
+        ...
 
     def segment(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 → (N, n_labels, H, W) per-pixel probabilities (softmax over labels)."""

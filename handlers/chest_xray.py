@@ -24,13 +24,25 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
 )
 
-from handlers.base import Analysis, Explanation, Finding, Handler, Model, TaskOptions, model_labels
+from handlers.base import (
+    SIDES,
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    Site,
+    TaskOptions,
+    model_labels,
+)
 from node.dicom.display import display_pixels
 
 TASK = "Pediatric chest X-ray findings"
 NORMAL_LABEL = "normal"
 # The model's outputs besides "normal": one coded finding each (the codes are the manifest's).
 FINDINGS = ("pneumonia", "pleural_effusion", "pneumothorax", "cardiomegaly", "atelectasis", "nodule")
+LUNG, HEART = Code("39607008", "SCT", "Lung"), Code("80891009", "SCT", "Heart")  # finding sites
 UNILATERAL = ("pneumonia", "pleural_effusion", "pneumothorax", "atelectasis", "nodule")
 RADIOGRAPHY = ("CR", "DX")
 SOP_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation)
@@ -120,6 +132,14 @@ def side(ds: Dataset, heatmap: np.ndarray) -> str | None:
     return "left" if (offset > 0) == towards_left else "right"
 
 
+def _site(name: str, side: str | None) -> Site:
+    """A lung finding's site is its lung (with the side where its heatmap names one); the heart's is
+    the heart."""
+    if name not in UNILATERAL:
+        return Site(HEART)
+    return Site(LUNG, SIDES.get(side[0].upper()) if side else None)
+
+
 def _refusal(ds: Dataset, options: Options) -> str | None:
     """Why this image is not a frontal chest radiograph the model can read, or None when it is."""
     modality = str(ds.get("Modality", "")) or "none"
@@ -181,16 +201,13 @@ class ChestXRayHandler(Handler):
         probabilities = model.predict(batch)  # (images, labels): a study holds one or a few frontal films
         # Per finding, the study's probability is that of the image showing it most.
         study = {name: float(probabilities[:, columns[name]].max()) for name in FINDINGS}
-        findings = [
-            Finding(code, study[name] >= cutoffs[name], study[name], float(cutoffs[name]))
-            for name, code in codes.items()
-        ]
         called = sorted((name for name in FINDINGS if study[name] >= cutoffs[name]), key=lambda n: -study[n])
         # Every result is explained: the findings called, or else the most likely one, faintly.
         explained = (
             called[: opts.max_explanations] or [max(study, key=study.__getitem__)][: opts.max_explanations]
         )
-        explanations, sides = [], {}
+        shown: dict[str, Explanation] = {}
+        sides: dict[str, str | None] = {}
         for name in explained:
             index = columns[name]
             best = int(probabilities[:, index].argmax())
@@ -201,7 +218,19 @@ class ChestXRayHandler(Handler):
             sides[name] = side(usable[best], explanation.heatmap)
             if name not in called:  # scaled by the probability, so an unconvincing overlay stays faint
                 explanation = replace(explanation, heatmap=explanation.heatmap * np.float32(study[name]))
-            explanations.append(explanation)
+            shown[name] = explanation
+        findings = {
+            name: Finding(
+                code,
+                study[name] >= cutoffs[name],
+                study[name],
+                float(cutoffs[name]),
+                _site(name, sides.get(name) if name in called else None),
+                usable[int(probabilities[:, columns[name]].argmax())],
+            )
+            for name, code in codes.items()
+        }
+        explanations = [replace(explanation, finding=findings[name]) for name, explanation in shown.items()]
 
         normal = float(probabilities[:, columns[NORMAL_LABEL]].min())
         if called:
@@ -221,7 +250,7 @@ class ChestXRayHandler(Handler):
         return Analysis(
             task=TASK,
             sources=list(datasets),
-            findings=findings,
+            findings=list(findings.values()),
             explanations=explanations,
             summary=summary,
             details={

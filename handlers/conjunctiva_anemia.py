@@ -25,9 +25,22 @@ import numpy as np
 from pydantic import Field
 from pydicom import Dataset
 
-from handlers.base import Analysis, Explanation, Finding, Handler, Model, TaskOptions, model_labels
+from handlers.base import (
+    SIDES,
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    Site,
+    TaskOptions,
+    model_labels,
+)
+from node.dicom.attributes import laterality
 
 TASK = "Conjunctival pallor (anemia) screening"
+CONJUNCTIVA = Code("29445007", "SCT", "Conjunctiva")  # the finding site
 ANEMIC_LABEL = "anemic"  # the model output this handler reads
 MODALITIES = ("XC", "OP")  # external-camera (VL Photographic) and ophthalmic photography
 PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422")  # pydicom decodes the YBR ones to RGB
@@ -287,6 +300,17 @@ class ConjunctivaAnemiaHandler(Handler):
         present = probability >= threshold
         unsure = abs(probability - threshold) < opts.retake_margin
 
+        # Anemia is the patient's, seen in the conjunctiva: of one side where every photograph shows it.
+        sides = {laterality(ds) for ds, _ in usable}
+        side = sides.pop() if len(sides) == 1 else None
+        finding = Finding(
+            anemia,
+            bool(present),
+            probability,
+            float(threshold),
+            Site(CONJUNCTIVA, SIDES[side] if side else None),
+            usable[int(np.argmax(probabilities))][0],
+        )
         explanations: list[Explanation] = []
         chosen = [int(i) for i in np.argsort(-probabilities, kind="stable")[: opts.explain_images]]
         if chosen:
@@ -303,6 +327,7 @@ class ConjunctivaAnemiaHandler(Handler):
                         * np.float32(image_probability),
                         probability=image_probability,
                         label=anemia.meaning,
+                        finding=finding,
                     )
                 )
 
@@ -316,7 +341,7 @@ class ConjunctivaAnemiaHandler(Handler):
         return Analysis(
             task=TASK,
             sources=list(datasets),
-            findings=[Finding(anemia, bool(present), probability, float(threshold))],
+            findings=[finding],
             explanations=explanations,
             summary=summary,
             details={

@@ -17,7 +17,18 @@ import numpy as np
 from pydantic import Field, field_validator
 from pydicom import Dataset
 
-from handlers.base import Analysis, Explanation, Finding, Handler, Model, TaskOptions, model_labels
+from handlers.base import (
+    SIDES,
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    Site,
+    TaskOptions,
+    model_labels,
+)
 
 TASK = "Head CT hemorrhage detection"
 HEMORRHAGE_LABEL = "hemorrhage"  # the model output this handler reads
@@ -26,6 +37,9 @@ DEFAULT_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
 BONE_HU = 300.0
 BRAIN_HU = (0.0, 90.0)
 HEAD_LIKE_FRACTION = 0.5  # of the usable slices that must show brain inside a skull
+BRAIN = Code("12738006", "SCT", "Brain")  # the finding site, with a side and a part where the peak names one
+ANTERIOR, POSTERIOR = Code("255549009", "SCT", "Anterior"), Code("255551008", "SCT", "Posterior")
+LEFT, RIGHT = SIDES["L"], SIDES["R"]
 REGION_MARGIN = 0.15  # of the head's half-width: closer to the centre than this is not called a side
 BATCH = 16
 
@@ -157,9 +171,10 @@ def _image_numbers(slices: Sequence[Dataset], indices: Sequence[int]) -> str:
     return "slices " + ", ".join(map(str, numbers))
 
 
-def region(ds: Dataset, hu: np.ndarray, heatmap: np.ndarray) -> str:
-    """Where the heatmap peak lies in the patient, e.g. "left posterior" — the prototype's estimate of
-    the region — from the image orientation, relative to the centre of the head on that slice."""
+def site(ds: Dataset, hu: np.ndarray, heatmap: np.ndarray) -> Site:
+    """Where in the brain the heatmap peak lies — the prototype's estimate of the region: its side and
+    whether anterior or posterior, from the image orientation, relative to the centre of the head on
+    that slice; near the centre neither is named."""
     rows, cols = np.nonzero(hu > -300.0)
     peak_row, peak_col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     half_width = max(float(np.ptp(rows)), float(np.ptp(cols)), 1.0) / 2.0
@@ -168,12 +183,9 @@ def region(ds: Dataset, hu: np.ndarray, heatmap: np.ndarray) -> str:
     offset = (
         orientation[:3] * (peak_col - cols.mean()) + orientation[3:] * (peak_row - rows.mean())
     ) / half_width
-    words = []
-    if abs(offset[0]) > REGION_MARGIN:
-        words.append("left" if offset[0] > 0 else "right")
-    if abs(offset[1]) > REGION_MARGIN:
-        words.append("posterior" if offset[1] > 0 else "anterior")
-    return " ".join(words) or "central"
+    side = None if abs(offset[0]) <= REGION_MARGIN else LEFT if offset[0] > 0 else RIGHT
+    part = None if abs(offset[1]) <= REGION_MARGIN else POSTERIOR if offset[1] > 0 else ANTERIOR
+    return Site(BRAIN, side, part)
 
 
 class CTHemorrhageHandler(Handler):
@@ -225,40 +237,49 @@ class CTHemorrhageHandler(Handler):
         present = probability >= threshold
         ranked = [int(i) for i in np.argsort(-probabilities, kind="stable")]
 
-        explanations: list[Explanation] = []
         # A positive result shows the slices that drive it; a negative one the slice the model found
         # most suspicious, so the reader sees what it looked at. Every result is explained.
         count = opts.explain_slices if present else min(1, opts.explain_slices)
-        if count:
-            chosen = ranked[:count]
-            heatmaps = model.explain(batch[chosen], label_index)
-            for index, heatmap in zip(chosen, heatmaps, strict=True):
-                hu, slice_probability = volume[index], float(probabilities[index])
-                brain = (window(hu, *opts.windows[0]) * 255.0).round().astype(np.uint8)
-                explanations.append(
-                    Explanation(
-                        source=slices[index],
-                        image=np.repeat(brain[:, :, None], 3, axis=2),
-                        # Grad-CAM is scaled to its own peak; weighting it by the slice's probability
-                        # keeps a negative slice's overlay faint instead of showing a confident hot spot.
-                        heatmap=source_heatmap(heatmap, hu) * np.float32(slice_probability),
-                        probability=slice_probability,
-                        label=hemorrhage.meaning,
-                    )
-                )
+        chosen = ranked[:count]
+        heatmaps = [
+            source_heatmap(heatmap, volume[index]) * np.float32(probabilities[index])
+            for index, heatmap in zip(
+                chosen, model.explain(batch[chosen], label_index) if chosen else [], strict=True
+            )
+        ]
+        # Where: the prototype's estimate, from the strongest slice's heatmap, for a positive result.
+        where = site(slices[ranked[0]], volume[ranked[0]], heatmaps[0]) if present and heatmaps else None
+        finding = Finding(hemorrhage, bool(present), probability, float(threshold), where, slices[ranked[0]])
+        explanations = [
+            Explanation(
+                source=slices[index],
+                image=np.repeat(
+                    (window(volume[index], *opts.windows[0]) * 255.0).round().astype(np.uint8)[:, :, None],
+                    3,
+                    axis=2,
+                ),
+                # Grad-CAM is scaled to its own peak; weighting it by the slice's probability keeps a
+                # negative slice's overlay faint instead of showing a confident hot spot.
+                heatmap=heatmap,
+                probability=float(probabilities[index]),
+                label=hemorrhage.meaning,
+                finding=finding,
+            )
+            for index, heatmap in zip(chosen, heatmaps, strict=True)
+        ]
 
         figures = f"p={probability:.2f}, threshold {threshold:.2f}"
         if present:
             strongest = _image_numbers(slices, ranked[: max(1, opts.explain_slices)])
-            if explanations:  # the prototype's estimate of where: from the strongest slice's heatmap
-                strongest += f", {region(explanations[0].source, volume[ranked[0]], explanations[0].heatmap)}"
+            if where is not None:
+                strongest += f", {where.words.lower() if where.laterality or where.modifier else 'central'}"
             summary = f"Intracranial hemorrhage suspected ({figures}); strongest on {strongest}."
         else:
             summary = f"No intracranial hemorrhage detected ({figures})."
         return Analysis(
             task=TASK,
             sources=slices,
-            findings=[Finding(hemorrhage, bool(present), probability, float(threshold))],
+            findings=[finding],
             explanations=explanations,
             summary=summary,
             details={

@@ -5,8 +5,11 @@ Faithful to the prototype (a ResNet-18 over four classes, both eyes of a patient
 what it lacked as a service: validation that refuses what is not a photograph of the fundus (with a
 reason, never a made-up probability), a field-of-view crop and illumination normalisation that make
 cameras and exposures comparable, and one preprocessing path (:func:`preprocess`) that the training
-script uses too. A batch holding both eyes is analysed per eye, and the eye is named in the summary,
-the details and, where both eyes are shown, in each explanation's label.
+script uses too. A batch holding both eyes (a route with ``group = "study"`` hands over both eyes' series)
+is analysed per eye: every finding is one eye's, its finding site the eye with its side; the patient's
+screen combines them by one rule, a condition is reported for the patient when either eye shows it
+(the summary and ``details["patient"]``). Each eye gets its own overlay, and the eye is named in the
+summary, the details and, where both eyes are shown, in each explanation's label.
 """
 
 from __future__ import annotations
@@ -26,7 +29,18 @@ from pydicom.uid import (
     WideFieldOphthalmicPhotographyStereographicProjectionImageStorage,
 )
 
-from handlers.base import Analysis, Code, Explanation, Finding, Handler, Model, TaskOptions, model_labels
+from handlers.base import (
+    SIDES,
+    Analysis,
+    Code,
+    Explanation,
+    Finding,
+    Handler,
+    Model,
+    Site,
+    TaskOptions,
+    model_labels,
+)
 from node.dicom.attributes import laterality
 from node.dicom.display import rgb8
 
@@ -41,6 +55,7 @@ OPHTHALMIC_SOP_CLASSES = {
     WideFieldOphthalmicPhotographyStereographicProjectionImageStorage,
     WideFieldOphthalmicPhotography3DCoordinatesImageStorage,
 }
+EYE = Code("81745001", "SCT", "Eye")  # every finding's site, with the eye's side where it is known
 EYES = {"R": "right eye", "L": "left eye", None: "eye of unknown laterality"}
 FOV_SEARCH_SIDE = 256  # the field of view is found on a copy this size: it is a large, smooth shape
 CORNER = 0.06  # of each side: the corner patches that must be dark around a fundus camera's field
@@ -268,17 +283,31 @@ class FundusHandler(Handler):
             }
             for eye, indices in members.items()
         }
-        worst = {label: max(per_eye[eye][label] for eye in eyes) for label in CONDITIONS}  # per patient
-        findings = [
-            Finding(code, worst[label] >= cutoffs[label], worst[label], float(cutoffs[label]))
-            for label, code in codes.items()
-        ]
+        # The findings are per eye (finding site: the eye, with its side). The patient's screen
+        # combines them: a condition is reported for the patient when either eye shows it.
+        best = {  # per eye and condition: the photograph showing it most
+            (eye, label): max(members[eye], key=lambda i: float(probabilities[i, columns[label]]))
+            for eye in eyes
+            for label in CONDITIONS
+        }
+        findings = {
+            (eye, label): Finding(
+                codes[label],
+                per_eye[eye][label] >= cutoffs[label],
+                per_eye[eye][label],
+                float(cutoffs[label]),
+                Site(EYE, SIDES.get(eye or "")),
+                photos[best[eye, label]].source,
+            )
+            for eye in eyes
+            for label in CONDITIONS
+        }
 
         explanations: list[Explanation] = []
         if opts.explain:
             for eye in eyes:  # each eye's most likely condition, on the photograph that shows it most
                 label = max(CONDITIONS, key=lambda name: per_eye[eye][name])
-                index = max(members[eye], key=lambda i: float(probabilities[i, columns[label]]))
+                index = best[eye, label]
                 photo, probability = photos[index], float(probabilities[index, columns[label]])
                 heatmap = model.explain(batch[index : index + 1], columns[label])[0]
                 meaning = codes[label].meaning
@@ -290,9 +319,10 @@ class FundusHandler(Handler):
                         # unlikely condition's overlay faint instead of showing a confident hot spot.
                         heatmap=source_heatmap(heatmap, photo.fov) * np.float32(probability),
                         probability=probability,
-                        # With both eyes the findings are per patient: the label names the eye, so an
-                        # overlay never shows the other eye's verdict as this one's.
+                        # With both eyes the label names the eye, so an overlay never reads as the
+                        # other eye's verdict.
                         label=meaning if len(eyes) == 1 else f"{meaning}, {EYES[eye]}",
+                        finding=findings[eye, label],
                     )
                 )
 
@@ -300,7 +330,7 @@ class FundusHandler(Handler):
         return Analysis(
             task=TASK,
             sources=[photo.source for photo in photos],
-            findings=findings,
+            findings=list(findings.values()),
             explanations=explanations,
             summary=summary[0].upper() + summary[1:] + ".",
             details={
@@ -317,6 +347,9 @@ class FundusHandler(Handler):
                         zip(model.labels, np.round(probabilities[i].astype(float), 4).tolist(), strict=True)
                     )
                     for i, photo in enumerate(photos)
+                },
+                "patient": {  # either eye
+                    label: any(per_eye[eye][label] >= cutoffs[label] for eye in eyes) for label in CONDITIONS
                 },
                 "images_set_aside": set_aside,
                 "aggregation": opts.aggregation,

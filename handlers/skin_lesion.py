@@ -18,17 +18,21 @@ from pydantic import Field
 from pydicom import Dataset
 
 from handlers.base import (
+    SIDES,
     Analysis,
+    Code,
     Explanation,
     Finding,
     Handler,
     Mask,
     Model,
     SegmentationModel,
+    Site,
     Task,
     TaskOptions,
     model_labels,
 )
+from node.dicom.attributes import laterality
 from node.dicom.display import rgb8
 
 TASK = "Dermoscopy skin lesion classification"
@@ -98,6 +102,22 @@ def looks_like_skin(crop: np.ndarray) -> bool:
     return bool(mean.mean() >= SKIN_BRIGHTNESS and mean[0] > mean[2] + 0.03 and crop.std() > 2.0)
 
 
+def body_site(ds: Dataset) -> Site | None:
+    """Where on the body the lesion is, as the photograph's Anatomic Region Sequence codes it (with
+    the side its laterality names); None when the photograph does not say."""
+    regions = ds.get("AnatomicRegionSequence") or []
+    if not regions or not all(
+        k in regions[0] for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+    ):
+        return None
+    item = regions[0]
+    side = laterality(ds)
+    return Site(
+        Code(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning)),
+        SIDES[side] if side else None,
+    )
+
+
 class SkinLesionHandler(Handler):
     """With a ``segmentation`` companion model, the lesion is also outlined: a mask on each photograph."""
 
@@ -131,9 +151,17 @@ class SkinLesionHandler(Handler):
         batch = np.stack([preprocess(crop, model.input_size, 1.0) for crop in crops])
         per_image = np.concatenate([model.predict(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)])
         probabilities = per_image[:, indices].mean(axis=0)  # several photographs of one lesion: mean
+        where = body_site(datasets[0])
         findings = [
-            Finding(codes[label], bool(p >= cutoffs[label]), float(p), float(cutoffs[label]))
-            for label, p in zip(CLASSES, probabilities, strict=True)
+            Finding(
+                codes[label],
+                bool(p >= cutoffs[label]),
+                float(p),
+                float(cutoffs[label]),
+                where,
+                datasets[int(np.argmax(per_image[:, index]))],  # the photograph that shows it best
+            )
+            for label, index, p in zip(CLASSES, indices, probabilities, strict=True)
         ]
         top = int(np.argmax(probabilities))
         top_label = CLASSES[top]
@@ -150,6 +178,7 @@ class SkinLesionHandler(Handler):
             probability=float(per_image[best, model_index]),
             label=codes[top_label].meaning,
             region=boxes[best],
+            finding=findings[top],
         )
         ranked = np.argsort(-probabilities, kind="stable")
         runner_up = CLASSES[int(ranked[1])]
@@ -202,5 +231,5 @@ def _outline(
         pixels[top : top + side, left : left + side] = (
             cv2.resize(probability, (side, side), interpolation=cv2.INTER_LINEAR) >= cut
         )
-        masks.append(Mask(ds, pixels, concept, concept.meaning))
+        masks.append(Mask(ds, pixels, concept, concept.meaning, model.identity))
     return masks

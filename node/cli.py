@@ -1,18 +1,24 @@
-"""``ainode``: run the node, check its configuration, echo a destination, analyse files offline."""
+"""``ainode``: run the node, check its configuration, echo a destination, test routes against files,
+analyse files offline."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.config import ConfigError, Settings, load_settings
+from node.config import ConfigError, Route, Settings, load_settings
 from node.runtime.package import ModelRefused
+
+if TYPE_CHECKING:
+    from node.route import Subject  # imported where used: routing loads the handlers
 
 log = logging.getLogger("ainode")
 
@@ -76,49 +82,136 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 1
 
 
-def _series_files(path: Path) -> dict[str, list[str]]:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    by_series: dict[str, list[str]] = defaultdict(list)
-    for file in files:
+def _files(paths: Sequence[str]) -> list[Path]:
+    """The files named, and every file under the folders named."""
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        found += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return found
+
+
+@dataclass
+class _Series:
+    header: Dataset  # its first file's: what routing looks at
+    files: list[str] = field(default_factory=list)
+
+
+def _series(paths: Sequence[str]) -> dict[str, _Series]:
+    """The DICOM files among ``paths``, by series; other files are skipped."""
+    by_uid: dict[str, _Series] = {}
+    for file in _files(paths):
         try:
             header = dcmread(file, stop_before_pixels=True)
         except (InvalidDicomError, OSError):
             continue
-        by_series[str(header.get("SeriesInstanceUID", ""))].append(str(file))
-    return by_series
+        by_uid.setdefault(str(header.get("SeriesInstanceUID", "")), _Series(header)).files.append(str(file))
+    return by_uid
+
+
+def _subject(header: Dataset, settings: Settings, args: argparse.Namespace) -> Subject:
+    """The header as routing sees it, arrived from ``--calling-ae`` at ``--called-ae`` (default: this
+    node's AE title)."""
+    from node.route import Subject
+
+    return Subject(header, args.called_ae or settings.node.ae_title, args.calling_ae)
+
+
+def _print_lines(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+def _why_not(routes: Sequence[Route], subject: Subject, skip: Sequence[Route] = ()) -> list[str]:
+    """For each route but ``skip``: its name and the conditions that ``subject`` fails."""
+    from node.route import mismatches
+
+    return [
+        f"  {route.name}: " + "; ".join(str(m) for m in mismatches(route, subject))
+        for route in routes
+        if route not in skip
+    ]
+
+
+def _fixed_route(settings: Settings, args: argparse.Namespace) -> Route | None:
+    """The route ``--route`` names, or one made of ``--handler``/``--model``; None: match the routes."""
+    if args.model and not args.handler:
+        raise ConfigError("--model goes with --handler; a route names its own model")
+    if args.handler:
+        model = args.model or args.handler.replace("_", "-")
+        return Route(name=args.handler, handler=args.handler, model=model)
+    if args.route:
+        for route in settings.routes:
+            if route.name == args.route:
+                return route
+        raise ConfigError(f"no route named {args.route!r}; known: {[r.name for r in settings.routes]}")
+    return None
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    """Each series goes where the service would send it: every route it matches (one job per series,
+    or per study for a route with group = "study"), unless --route or --handler says where."""
     from node.jobs.run import JobSpec, Task, run_job
-    from node.route import Subject, choose
+    from node.route import choose, validate
 
     settings = _settings(args)
-    groups = _series_files(Path(args.path))
-    if not groups:
-        print(f"no DICOM files under {args.path}", file=sys.stderr)
+    fixed = _fixed_route(settings, args)
+    validate([*settings.routes, *([fixed] if fixed else [])])
+    found = _series(args.paths)
+    if not found:
+        print(f"no DICOM files in {' '.join(args.paths)}", file=sys.stderr)
         return 1
-    for n, (series_uid, files) in enumerate(sorted(groups.items())):
-        if args.handler:
-            specs = [JobSpec(0, args.handler, args.model or args.handler.replace("_", "-"))]
-        else:
-            subject = Subject(dcmread(files[0], stop_before_pixels=True), settings.node.ae_title, "")
-            specs = [
-                JobSpec(0, r.handler, r.model, r.model_version, r.models, r.options, r.outputs)
-                for r in choose(settings.routes, subject)
-            ]
-        if not specs:
-            print(f"series {series_uid}: no route matched")
+    runs: dict[tuple[str, str], tuple[Route, list[str]]] = {}  # (route, study or series UID) → files
+    unrouted = 0
+    for series_uid, series in sorted(found.items()):
+        subject = _subject(series.header, settings, args)
+        routes = [fixed] if fixed else choose(settings.routes, subject)
+        if not routes:
+            unrouted += 1
+            print(f"series {series_uid}: no route matched" + ("" if settings.routes else " (no routes)"))
+            _print_lines(_why_not(settings.routes, subject))
             continue
-        for spec in specs:
-            out_dir = Path(args.out) / f"series-{n}-{spec.handler}"
-            output = run_job(Task(spec, files, str(out_dir), str(settings.node.models_dir)))
-            print(
-                f"series {series_uid} ({len(files)} files), {output.model.name} {output.model.version}: "
-                f"{output.summary}"
-            )
-            for result in output.results:
-                print(f"  {result.kind} {result.path}")
-    return 0
+        for route in routes:
+            scope = str(series.header.get("StudyInstanceUID", "")) if route.group == "study" else series_uid
+            runs.setdefault((route.name, scope), (route, []))[1].extend(series.files)
+    for n, ((name, scope), (route, files)) in enumerate(runs.items()):
+        spec = JobSpec(
+            0, route.handler, route.model, route.model_version, route.models, route.options, route.outputs
+        )
+        output = run_job(
+            Task(spec, files, str(Path(args.out) / f"{n:02d}-{name}"), str(settings.node.models_dir))
+        )
+        reason = output.outcome.get("not_analysed_reason")
+        print(
+            f"route {name}, {route.group} {scope} ({len(files)} file{'s' * (len(files) != 1)}), "
+            f"{output.model.name} {output.model.version}: "
+            + (f"not analysed: {reason}" if reason else output.summary)
+        )
+        for result in output.results:
+            print(f"  {result.kind} {result.path}")
+    return 1 if unrouted else 0
+
+
+def cmd_routes_test(args: argparse.Namespace) -> int:
+    """Which routes each file takes, and for every other route the conditions it fails."""
+    from node.route import choose, validate
+
+    settings = _settings(args)
+    validate(settings.routes)
+    unrouted = 0
+    for path in _files(args.paths):
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError) as exc:
+            print(f"{path}: not a DICOM file ({exc})")
+            unrouted += 1
+            continue
+        subject = _subject(header, settings, args)
+        taken = choose(settings.routes, subject)
+        print(f"{path}: " + (f"takes {', '.join(r.name for r in taken)}" if taken else "no route"))
+        _print_lines(_why_not(settings.routes, subject, skip=taken))
+        unrouted += not taken
+    return 1 if unrouted else 0
 
 
 def cmd_demo_study(args: argparse.Namespace) -> int:
@@ -206,11 +299,31 @@ def parser() -> argparse.ArgumentParser:
     command("serve", cmd_serve, "run the DICOM listener, the jobs, the sender and the HTTP API")
     command("check-config", cmd_check_config, "validate the settings, routes and model packages")
     command("echo", cmd_echo, "C-ECHO a configured destination").add_argument("destination")
-    infer = command("infer", cmd_infer, "analyse DICOM files offline and write the results to a folder")
-    infer.add_argument("path", help="a DICOM file or a folder of them")
+    infer = command(
+        "infer", cmd_infer, "analyse DICOM files offline as the routes say, and write the results to a folder"
+    )
+    infer.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders of them")
     infer.add_argument("--out", required=True)
-    infer.add_argument("--handler", help="use this handler instead of the configured routes")
-    infer.add_argument("--model", help="model package name (default: the handler's, with dashes)")
+    chosen = infer.add_mutually_exclusive_group()
+    chosen.add_argument("--route", help="use this configured route, whatever the files' tags")
+    chosen.add_argument("--handler", help="use this handler instead of the configured routes")
+    infer.add_argument(
+        "--model", help="with --handler: model package name (default: the handler's, with dashes)"
+    )
+    routes = sub.add_parser("routes", help="the configured routes").add_subparsers(
+        dest="routes_command", required=True
+    )
+    tester = routes.add_parser(
+        "test", help="which routes each file takes, and why each other route does not take it"
+    )
+    tester.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders of them")
+    tester.add_argument(
+        "--config", type=Path, default=None, help="TOML settings (default: built-in defaults)"
+    )
+    tester.set_defaults(func=cmd_routes_test)
+    for p in (infer, tester):
+        p.add_argument("--called-ae", help="the AE title the files are sent to (default: the node's)")
+        p.add_argument("--calling-ae", default="", help="the AE title they come from (default: none)")
     demo = command("demo-study", cmd_demo_study, "write a synthetic head-CT study to send to the node")
     demo.add_argument("--out", required=True)
     demo.add_argument("--slices", type=int, default=30)
@@ -250,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("pynetdicom", "apscheduler"):
+    for noisy in ("pynetdicom", "apscheduler", "highdicom"):  # highdicom narrates every copied module
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))

@@ -119,6 +119,8 @@ class Route(_Section):
     options: dict[str, Any] = {}
     outputs: list[Annotated[OutputSpec, BeforeValidator(_output)]] = list(DEFAULT_OUTPUTS)
     destinations: list[str] = []
+    # "study": one job for all the study's matching series, once the whole study is quiet
+    group: Literal["series", "study"] = "series"
 
 
 class Settings(_Section):

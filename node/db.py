@@ -17,12 +17,14 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     JSON,
+    Column,
     DateTime,
     Enum,
     ForeignKey,
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     create_engine,
     event,
@@ -61,7 +63,7 @@ class Base(DeclarativeBase):
 
 class SeriesStatus(enum.StrEnum):
     RECEIVING = "receiving"  # instances arriving; waiting for the quiet period
-    READY = "ready"  # complete; to be routed
+    READY = "ready"  # complete; to be routed (for a study-level route, once its whole study is stable)
     ROUTED = "routed"  # jobs created
     NO_ROUTE = "no_route"  # complete, no route matched: recorded, not an error
 
@@ -101,6 +103,9 @@ class Study(Base):
     description: Mapped[str] = mapped_column(String(64), default="")
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # When the whole study was last complete: no series receiving, no instance for stable_seconds
+    # (node.ingest.completion). Null while instances may still come; study-level routes wait for it.
+    stable_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -148,10 +153,19 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+# Every series a job analyses: its own, and for a study-level route every matching series of the study.
+job_series = Table(
+    "job_series",
+    Base.metadata,
+    Column("job_fk", ForeignKey("jobs.id"), primary_key=True),
+    Column("series_fk", ForeignKey("series.id"), primary_key=True, index=True),
+)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(primary_key=True)
-    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)  # the first of its inputs
     route: Mapped[str] = mapped_column(String(64))
     handler: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(64))
@@ -171,6 +185,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     series: Mapped[Series] = relationship(back_populates="jobs")
+    inputs: Mapped[list[Series]] = relationship(secondary=job_series, order_by="Series.id")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")
 
 

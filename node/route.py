@@ -5,8 +5,14 @@ A route's ``match`` maps DICOM keywords to conditions. A condition is
 - a list: any of its conditions,
 - a table with any of ``glob``, ``regex``, ``gt``, ``ge``, ``lt``, ``le``, ``ne``, ``exists``: all must hold.
 A multi-valued element (e.g. ImageType) matches when any of its values does, or its whole
-backslash-joined value does. ``called_ae`` and ``calling_ae`` take the same conditions. Every route
-that matches gets a job; a series that no route matches is recorded as "no route".
+backslash-joined value does. A key may reach into sequences, ``AnatomicRegionSequence.CodeValue``:
+the values of that keyword in every item, matched like a multi-valued element. ``called_ae`` and
+``calling_ae`` take the same conditions. Every route that matches gets a job; a series that no route
+matches is recorded as "no route". :func:`mismatches` says which conditions a route failed, and on
+what values: the route tester shows them.
+
+A route with ``group = "study"`` gets one job for all the series of a study that it matches, once the
+whole study is stable (:mod:`node.ingest.completion`); until then its series wait, still ready.
 """
 
 from __future__ import annotations
@@ -16,19 +22,22 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydicom import Dataset, dcmread
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from handlers import handler_class
 from node import audit
 from node.config import Route
-from node.db import Database, Instance, Job, Series, SeriesStatus
+from node.db import Database, Instance, Job, Series, SeriesStatus, Study
 from node.dicom.header import decode
 from node.outputs import check_output
 
@@ -77,8 +86,6 @@ def _compare(actual: Any, op: str, bound: Any) -> bool:
 
 def _single(actual: Any, condition: Any) -> bool:
     """Does one value satisfy a condition (no 'exists' here: that is about the element)."""
-    if isinstance(condition, list):
-        return any(_single(actual, c) for c in condition)
     if not isinstance(condition, dict):
         return _equal(actual, condition)
     for op, operand in condition.items():
@@ -97,6 +104,8 @@ def _single(actual: Any, condition: Any) -> bool:
 
 def matches(value: Any, condition: Any) -> bool:
     """Does an element's value (None: absent) satisfy a condition."""
+    if isinstance(condition, list):  # each alternative whole: ["PA", {exists = false}] is PA or absent
+        return any(matches(value, alternative) for alternative in condition)
     if isinstance(condition, dict) and "exists" in condition:
         present = value is not None and str(value).strip() != ""
         if present != bool(condition["exists"]):
@@ -134,8 +143,9 @@ def validate(routes: Sequence[Route]) -> None:
     bad one."""
     for i, route in enumerate(routes):
         for keyword, condition in route.match.items():
-            if tag_for_keyword(keyword) is None:
-                raise RouteError(f"routes.{i}.match: {keyword!r} is not a DICOM keyword")
+            problem = _path_problem(keyword)
+            if problem:
+                raise RouteError(f"routes.{i}.match: {problem}")
             _validate_condition(f"routes.{i}.match.{keyword}", condition)
         for field in ("called_ae", "calling_ae"):
             if getattr(route, field) is not None:
@@ -153,12 +163,76 @@ def validate(routes: Sequence[Route]) -> None:
             )
 
 
+def _path_problem(path: str) -> str | None:
+    """Why a match key names no value a condition can compare, or None: every part a keyword, every
+    part but the last a sequence, the last not one."""
+    *sequences, last = parts = path.split(".")
+    for keyword in parts:
+        if tag_for_keyword(keyword) is None:
+            return f"{keyword!r} is not a DICOM keyword"
+    for keyword in sequences:
+        if dictionary_VR(keyword) != "SQ":
+            return f"{keyword!r} in {path!r} is not a sequence"
+    if dictionary_VR(last) == "SQ":
+        return f"{last!r} is a sequence: name a keyword of its items, e.g. '{last}.CodeValue'"
+    return None
+
+
+def value_at(header: Dataset, path: str) -> Any:
+    """What a condition on ``path`` looks at: a keyword's value, or for ``Sequence.Keyword`` (at any
+    depth) that keyword's values in every item, as one list; None when absent."""
+    keyword, _, rest = path.partition(".")
+    value = header.get(keyword)
+    if not rest:
+        return value
+    if not isinstance(value, DicomSequence):
+        return None
+    found: list[Any] = []
+    for item in value:
+        inner = value_at(item, rest)
+        if inner is not None:
+            found.extend(inner if isinstance(inner, MultiValue | list) else [inner])
+    return found or None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, MultiValue | list | tuple):
+        return repr([str(v).strip() for v in value])
+    if isinstance(value, UID) and value.name != str(value):
+        return f"{str(value)!r} ({value.name})"  # a SOP class or transfer syntax, named
+    return repr(str(value).strip())
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A condition of a route that a subject fails: where it looked, what it found, what it wanted."""
+
+    where: str  # a match key, or called_ae / calling_ae
+    found: Any  # None: absent
+    wanted: Any
+
+    def __str__(self) -> str:
+        found = "is absent" if self.found is None else f"is {_shown(self.found)}"
+        return f"{self.where} {found}, wanted {self.wanted!r}"
+
+
+def mismatches(route: Route, subject: Subject) -> list[Mismatch]:
+    """Every condition of ``route`` that ``subject`` fails, in the route's order; none when the route
+    matches. Matching is this list being empty, so the route tester can never disagree with routing."""
+    looked = [
+        ("called_ae", subject.called_ae, route.called_ae),
+        ("calling_ae", subject.calling_ae, route.calling_ae),
+        *((path, value_at(subject.header, path), wanted) for path, wanted in route.match.items()),
+    ]
+    return [
+        Mismatch(where, found, wanted)
+        for where, found, wanted in looked
+        if wanted is not None and not matches(found, wanted)
+    ]
+
+
 def route_matches(route: Route, subject: Subject) -> bool:
-    if route.called_ae is not None and not matches(subject.called_ae, route.called_ae):
-        return False
-    if route.calling_ae is not None and not matches(subject.calling_ae, route.calling_ae):
-        return False
-    return all(matches(subject.header.get(keyword), condition) for keyword, condition in route.match.items())
+    return not mismatches(route, subject)
 
 
 def choose(routes: Sequence[Route], subject: Subject) -> list[Route]:
@@ -168,10 +242,12 @@ def choose(routes: Sequence[Route], subject: Subject) -> list[Route]:
 
 @dataclass(frozen=True)
 class _Ready:
-    """A ready series as routing sees it, read in one short transaction."""
+    """A series as routing sees it, read in one short transaction."""
 
     id: int
+    study_id: int
     study_uid: str
+    study_stable_at: datetime | None  # when its whole study was found complete (node.ingest.completion)
     series_uid: str
     modality: str
     body_part: str
@@ -180,6 +256,23 @@ class _Ready:
     instances: int
     header: bytes | None  # as kept at arrival (node.dicom.header)
     first_file: str | None  # read only where no header was kept
+
+
+def _read(session: Session, series: Series) -> _Ready:
+    return _Ready(
+        series.id,
+        series.study_fk,
+        series.study.study_uid,
+        series.study.stable_at,
+        series.series_uid,
+        series.modality,
+        series.body_part,
+        series.called_ae,
+        series.calling_ae,
+        series.instance_count,
+        series.header,
+        None if series.header is not None else _first_file(session, series.id),
+    )
 
 
 def _subject(series: _Ready) -> Subject:
@@ -200,88 +293,174 @@ def _first_file(session: Session, series_id: int) -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class _Decision:
+    """What the rules made of one ready series: every route that matched it, or why none did."""
+
+    series: _Ready
+    routes: list[Route]
+    note: str
+
+    @property
+    def study_routes(self) -> list[str]:
+        return [route.name for route in self.routes if route.group == "study"]
+
+
+def _decide(routes: Sequence[Route], series: _Ready) -> _Decision:
+    chosen: list[Route] = []
+    if not series.instances:
+        note = "no instances left in this series"
+    else:
+        try:
+            chosen, note = choose(routes, _subject(series)), ""
+        except (OSError, InvalidDicomError) as exc:
+            note = f"first instance unreadable: {exc}"
+        except Exception as exc:  # one series that cannot be routed must not hold up the rest
+            log.exception("routing a series failed")
+            note = f"routing failed: {type(exc).__name__}"
+    return _Decision(series, chosen, note)
+
+
 def route_ready(db: Database, routes: Sequence[Route]) -> int:
     """Create jobs for every ready series (or record that none matched). Returns jobs created.
 
     The rules are matched outside any transaction; each series' outcome is then written in a short
     transaction of its own, so one that cannot be routed never holds up the rest, and a series that
-    an instance reopened meanwhile is left to wait.
+    an instance reopened meanwhile is left to wait. A series that a study-level route matches stays
+    ready until its whole study is stable; then the study's ready series are written together, and
+    each study-level route gets one job for all the series of the study that it matches.
     """
     with db.session() as session:
         ready = [
-            _Ready(
-                series.id,
-                series.study.study_uid,
-                series.series_uid,
-                series.modality,
-                series.body_part,
-                series.called_ae,
-                series.calling_ae,
-                series.instance_count,
-                series.header,
-                None if series.header is not None else _first_file(session, series.id),
-            )
+            _read(session, series)
             for series in session.scalars(select(Series).where(Series.status == SeriesStatus.READY))
         ]
     created = 0
-    for series in ready:
-        chosen: list[Route] = []
-        if not series.instances:
-            note = "no instances left in this series"
+    studies: dict[int, list[_Decision]] = {}
+    for decision in (_decide(routes, series) for series in ready):
+        if decision.study_routes:
+            studies.setdefault(decision.series.study_id, []).append(decision)
         else:
-            try:
-                chosen, note = choose(routes, _subject(series)), ""
-            except (OSError, InvalidDicomError) as exc:
-                note = f"first instance unreadable: {exc}"
-            except Exception as exc:  # one series that cannot be routed must not hold up the rest
-                log.exception("routing a series failed")
-                note = f"routing failed: {type(exc).__name__}"
-        created += _record(db, series, chosen, note)
+            created += _record(db, [decision])
+    for decisions in studies.values():
+        if decisions[0].series.study_stable_at is not None:
+            created += _record(db, decisions, _study_jobs(db, routes, decisions))
     return created
 
 
-def _record(db: Database, ready: _Ready, chosen: Sequence[Route], note: str) -> int:
+def _study_jobs(
+    db: Database, routes: Sequence[Route], decisions: Sequence[_Decision]
+) -> list[tuple[Route, list[_Ready]]]:
+    """Each study-level route that matched a ready series of one study, with every series of the study
+    it matches: the ready ones, and those routed before (so that a late instance, or a series sent
+    later, runs the study's job again with all of them)."""
+    names = {name for decision in decisions for name in decision.study_routes}
     with db.session() as session:
-        series = session.get(Series, ready.id)
-        if series is None or series.status != SeriesStatus.READY:
-            return 0  # an instance arrived since: the series waits again
-        if not chosen:
-            series.status = SeriesStatus.NO_ROUTE
-            series.route_note = note or "no route matched"
-            audit.record(
-                session,
-                "route.none",
-                outcome="failure" if note.startswith("routing failed") else "success",
-                study_uid=ready.study_uid,
-                series_uid=ready.series_uid,
-                modality=ready.modality,
-                body_part=ready.body_part,
-                note=series.route_note,
-            )
-            return 0
-        series.status = SeriesStatus.ROUTED
-        series.route_note = ", ".join(r.name for r in chosen)
-        for route in chosen:
-            session.add(
-                Job(
-                    series=series,
-                    route=route.name,
-                    handler=route.handler,
-                    model=route.model,
-                    model_version=route.model_version or "",
-                    options=dict(route.options),
-                    companions=dict(route.models),
-                    outputs=[spec.model_dump(exclude_none=True) for spec in route.outputs],
-                    destinations={"names": list(route.destinations)},
+        routed = [
+            _read(session, series)
+            for series in session.scalars(
+                select(Series).where(
+                    Series.study_fk == decisions[0].series.study_id,
+                    Series.status == SeriesStatus.ROUTED,
+                    Series.instance_count > 0,
                 )
             )
+        ]
+    subjects: dict[int, Subject] = {}
+    for series in routed:
+        try:
+            subjects[series.id] = _subject(series)
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("series %d left out of its study's job: header unreadable: %s", series.id, exc)
+    jobs = []
+    for route in (route for route in routes if route.name in names):
+        members = [decision.series for decision in decisions if route.name in decision.study_routes]
+        members += [
+            series for series in routed if series.id in subjects and route_matches(route, subjects[series.id])
+        ]
+        jobs.append((route, sorted(members, key=lambda series: series.id)))
+    return jobs
+
+
+def _job(route: Route, inputs: Sequence[Series]) -> Job:
+    return Job(
+        series=inputs[0],
+        inputs=list(inputs),
+        route=route.name,
+        handler=route.handler,
+        model=route.model,
+        model_version=route.model_version or "",
+        options=dict(route.options),
+        companions=dict(route.models),
+        outputs=[spec.model_dump(exclude_none=True) for spec in route.outputs],
+        destinations={"names": list(route.destinations)},
+    )
+
+
+def _record(
+    db: Database, decisions: Sequence[_Decision], study_jobs: Sequence[tuple[Route, Sequence[_Ready]]] = ()
+) -> int:
+    """Write what routing decided for one series, or for a study's ready series together with the
+    study's jobs, in one transaction. Nothing is written if an instance arrived meanwhile: the series,
+    or the study, waits again."""
+    with db.session() as session:
+        rows = [
+            series
+            for decision in decisions
+            if (series := session.get(Series, decision.series.id)) is not None
+            and series.status == SeriesStatus.READY
+        ]
+        if len(rows) != len(decisions):
+            return 0
+        first = decisions[0].series
+        if study_jobs:
+            study = session.get(Study, first.study_id)
+            if study is None or study.stable_at != first.study_stable_at:
+                return 0
+        created = 0
+        for decision, series in zip(decisions, rows, strict=True):
+            ready, chosen, note = decision.series, decision.routes, decision.note
+            if not chosen:
+                series.status = SeriesStatus.NO_ROUTE
+                series.route_note = note or "no route matched"
+                audit.record(
+                    session,
+                    "route.none",
+                    outcome="failure" if note.startswith("routing failed") else "success",
+                    study_uid=ready.study_uid,
+                    series_uid=ready.series_uid,
+                    modality=ready.modality,
+                    body_part=ready.body_part,
+                    note=series.route_note,
+                )
+                continue
+            series.status = SeriesStatus.ROUTED
+            series.route_note = ", ".join(r.name for r in chosen)
+            for route in chosen:
+                if route.group == "series":
+                    session.add(_job(route, [series]))
+                    audit.record(
+                        session,
+                        "route.chosen",
+                        study_uid=ready.study_uid,
+                        series_uid=ready.series_uid,
+                        route=route.name,
+                        handler=route.handler,
+                        model=route.model,
+                    )
+                    created += 1
+        for route, members in study_jobs:
+            inputs = [session.get(Series, member.id) for member in members]
+            session.add(_job(route, [series for series in inputs if series is not None]))
             audit.record(
                 session,
                 "route.chosen",
-                study_uid=ready.study_uid,
-                series_uid=ready.series_uid,
+                study_uid=first.study_uid,
+                series_uids=[member.series_uid for member in members],
+                group="study",
                 route=route.name,
                 handler=route.handler,
                 model=route.model,
             )
-        return len(chosen)
+            created += 1
+        return created

@@ -70,6 +70,9 @@ class OrthancServer:
             "DicomModalities": {},
             "Plugins": [],
             "StableAge": 1,
+            # Orthanc closes an idle keep-alive connection after 1 s, the interval tests poll at: a
+            # request sent on a connection as it closes gets no answer. One connection per request.
+            "KeepAlive": False,
             "LuaScripts": [str(path) for path in lua],
         }
         if node_port is not None:
@@ -137,7 +140,10 @@ def echoscu(port: int, called: str = "AINODE", calling: str = "ECHOSCU") -> subp
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's Error lines for a file (warnings are fine: IHE's rule is no errors)."""
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    # It quotes values as their bytes: a Korean name is not UTF-8.
+    run = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60
+    )
     return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
 
 

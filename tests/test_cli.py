@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import tomli_w
 
 from tests.peers import REPO, OrthancServer, dciodvfy_errors, free_port
+from training.chest_phantom import NORMAL, chest_dicom, sample
 from training.ct_phantom import write_head_ct_series
 
 
@@ -137,3 +139,53 @@ def test_models_validate_names_what_is_wrong(tmp_path: Path, edit: object, messa
     run = ainode("models", "validate", str(package))
     assert run.returncode == 1, run.stdout + run.stderr
     assert "FAIL" in run.stdout and message in run.stdout
+
+
+def chest_file(path: Path, view_position: str = "PA") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sample(np.random.default_rng(8), 320, NORMAL)
+    chest_dicom(image, f"cli-chest-{view_position}", view_position=view_position).save_as(
+        path, enforce_file_format=True
+    )
+    return path
+
+
+def test_routes_test_names_the_route_taken_and_each_failed_condition(tmp_path: Path) -> None:
+    ct = write_head_ct_series(tmp_path / "ct", 1, hemorrhage=False, seed=5, size=64)[0]
+    lateral = chest_file(tmp_path / "lateral.dcm", "LL")
+    run = ainode("routes", "test", str(ct), str(lateral), "--config", str(REPO / "config.example.toml"))
+    assert run.returncode == 1, run.stderr  # a file that no route takes
+    lines = run.stdout.splitlines()
+    assert f"{ct}: takes head-ct" in lines
+    assert "  chest-xray: Modality is 'CT', wanted ['CR', 'DX']; " in "\n".join(lines)
+    assert f"{lateral}: no route" in lines
+    assert "  chest-xray: ViewPosition is 'LL', wanted ['PA', 'AP', {'exists': False}]" in lines
+    assert not any(line.startswith("  head-ct:") for line in lines[: lines.index(f"{lateral}: no route")])
+    ok = ainode("routes", "test", str(ct), "--config", str(REPO / "config.example.toml"))
+    assert ok.returncode == 0 and "takes head-ct" in ok.stdout
+
+
+def test_infer_picks_the_model_by_the_routes_and_says_why_not(tmp_path: Path) -> None:
+    frontal, lateral = chest_file(tmp_path / "in" / "pa.dcm"), chest_file(tmp_path / "in" / "ll.dcm", "LL")
+    config = str(REPO / "config.example.toml")
+    run = ainode("infer", str(frontal), str(lateral), "--out", str(tmp_path / "out"), "--config", config)
+    assert run.returncode == 1, run.stderr  # the lateral film took no route
+    assert "route chest-xray, series" in run.stdout and "chest-xray 1.0.0: " in run.stdout
+    assert "no route matched" in run.stdout and "  chest-xray: ViewPosition is 'LL'" in run.stdout
+    written = sorted((tmp_path / "out").rglob("*.dcm"))
+    assert {p.name[:2] for p in written} == {"SC", "SR"} and {p.parent.name for p in written} == {
+        "00-chest-xray"
+    }
+    for path in written:
+        assert dciodvfy_errors(path) == [], path.name
+    forced = ainode(
+        "infer", str(lateral), "--route", "chest-xray", "--out", str(tmp_path / "forced"), "--config", config
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert (
+        "route chest-xray" in forced.stdout and "view LL" in forced.stdout
+    )  # the handler refuses it, not routing
+    unknown = ainode(
+        "infer", str(lateral), "--route", "chest", "--out", str(tmp_path / "x"), "--config", config
+    )
+    assert unknown.returncode == 2 and "no route named 'chest'" in unknown.stderr

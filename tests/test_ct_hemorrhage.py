@@ -88,9 +88,12 @@ def test_positive_series_finds_hemorrhage_and_explains_it_on_the_bleed(
     assert analysis.summary.startswith("Intracranial hemorrhage suspected (p=")
     assert re.fullmatch(
         r"Intracranial hemorrhage suspected \(p=[01]\.\d\d, threshold 0\.50\); strongest on "
-        r"slices? [\d–, ]+, (left|right|central)( anterior| posterior)?\.",
+        r"slices? [\d–, ]+, (central|(left|right)( anterior| posterior)? brain|(anterior|posterior) brain)\.",
         analysis.summary,
     )
+    assert finding.site is not None and finding.site.structure.meaning == "Brain"
+    assert finding.image is analysis.explanations[0].source
+    assert all(explanation.finding is finding for explanation in analysis.explanations)
 
     _, phantoms = head_ct_volume(30, True, POSITIVE_SEED, SIZE)  # the ground truth, slice by slice
     top = phantoms[round(z_of(analysis.explanations[0].source) / SLICE_THICKNESS_MM)]
@@ -98,6 +101,8 @@ def test_positive_series_finds_hemorrhage_and_explains_it_on_the_bleed(
     bleed_side = (np.nonzero(top.lesion)[1].mean() - head_cols.mean()) / (np.ptp(head_cols) / 2)
     if abs(bleed_side) > 0.3:  # columns run towards the patient's left in these axial images
         assert ("left" if bleed_side > 0 else "right") in analysis.summary
+        assert finding.site.laterality is not None
+        assert finding.site.laterality.meaning == ("Left" if bleed_side > 0 else "Right")
     tolerance = round(POINTING_TOLERANCE_MM / (FIELD_OF_VIEW_MM / SIZE))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
     assert len(analysis.explanations) == 3

@@ -121,9 +121,27 @@ def test_both_eyes_are_reported_per_eye(model: PackagedModel) -> None:
     right, left = phantom(DR, "R", 10), phantom(0, "L", 10)
     analysis = analyse([fundus_dataset(left, "both-L"), fundus_dataset(right, "both-R")], model)
     assert analysis.analysed
-    assert [f.concept for f in analysis.findings] == list(CONDITIONS.values())
-    present = {f.concept.value: f.present for f in analysis.findings}
-    assert present == {"4855003": True, "267718000": False, "24596005": False}
+    # Per eye, with the eye as the finding site: right eye first, then left.
+    assert [f.concept for f in analysis.findings] == 2 * list(CONDITIONS.values())
+    sites = {f.site.words if f.site else None for f in analysis.findings}
+    assert sites == {"Right eye", "Left eye"}
+    present = {(f.site.words, f.concept.value): f.present for f in analysis.findings if f.site}
+    assert present == {
+        ("Right eye", "4855003"): True,
+        ("Right eye", "267718000"): False,
+        ("Right eye", "24596005"): False,
+        ("Left eye", "4855003"): False,
+        ("Left eye", "267718000"): False,
+        ("Left eye", "24596005"): False,
+    }
+    # The patient's screen: a condition either eye shows.
+    assert analysis.details["patient"] == {
+        "diabetic_retinopathy": True,
+        "macular_degeneration": False,
+        "branch_vein_occlusion": False,
+    }
+    for finding in analysis.findings:
+        assert finding.image is not None and laterality(finding.image) == finding.site.words[0]
     assert analysis.details["eyes"]["right eye"]["present"] == ["diabetic_retinopathy"]
     assert analysis.details["eyes"]["left eye"]["present"] == []
     assert analysis.summary.startswith("Right eye: diabetic retinopathy (p=")
@@ -134,6 +152,8 @@ def test_both_eyes_are_reported_per_eye(model: PackagedModel) -> None:
     explained = {laterality(e.source): e for e in analysis.explanations}
     assert set(explained) == {"R", "L"}
     assert explained["R"].label == "Diabetic retinopathy, right eye"
+    assert explained["R"].finding is not None and explained["R"].finding.site.words == "Right eye"
+    assert explained["R"].finding.present and explained["R"].finding in analysis.findings
     assert explained["L"].label.endswith(", left eye")
     for eye, fundus in (("R", right), ("L", left)):
         e = explained[eye]

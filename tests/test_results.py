@@ -14,10 +14,11 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from handlers.base import Analysis, Code, Explanation, Finding
+from handlers.base import SIDES, Analysis, Code, Explanation, Finding, Mask, Site
 from node.config import OutputSpec
 from node.outputs import write_outputs
 from node.outputs.common import disclaimer_lines
+from node.outputs.sr import ANALYSED_AREA, HOT_AREA
 from node.runtime.identity import ModelIdentity
 from training.chest_phantom import NORMAL, chest_dicom, sample
 from training.ct_phantom import head_ct_series
@@ -33,12 +34,16 @@ MODEL = ModelIdentity(
 HEMORRHAGE = Code("1386000", "SCT", "Intracranial hemorrhage")
 PNEUMOTHORAX = Code("36118008", "SCT", "Pneumothorax")
 RETINOPATHY = Code("4855003", "SCT", "Diabetic retinopathy")
+BRAIN, POSTERIOR = Code("12738006", "SCT", "Brain"), Code("255551008", "SCT", "Posterior")
+LESION = Code("52988006", "SCT", "Lesion")
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE. Demonstration model trained on synthetic images"
 
 
-def explanation(source: Dataset, label: str, probability: float, size: int = 224) -> Explanation:
+def explanation(
+    source: Dataset, label: str, probability: float, size: int = 224, finding: Finding | None = None
+) -> Explanation:
     """What a handler would hand over: the source as the model saw it (windowed, resized) and a
-    heatmap with one hot spot."""
+    heatmap with one hot spot, at 62 % of the width and 40 % of the height."""
     pixels = source.pixel_array.astype(np.float32)
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
@@ -46,7 +51,20 @@ def explanation(source: Dataset, label: str, probability: float, size: int = 224
     image = cv2.resize(pixels, (size, size)).astype(np.uint8)
     yy, xx = np.mgrid[:size, :size]
     heatmap = np.exp(-((xx - 0.62 * size) ** 2 + (yy - 0.4 * size) ** 2) / (2 * (0.08 * size) ** 2))
-    return Explanation(source, image, heatmap.astype(np.float32), probability, label)
+    return Explanation(source, image, heatmap.astype(np.float32), probability, label, finding=finding)
+
+
+def regions(sr: Dataset) -> list[tuple[str, np.ndarray, str]]:
+    """Every SCOORD: its graphic type, its (column, row) points, and the image it selects."""
+    return [
+        (
+            item.GraphicType,
+            np.asarray(item.GraphicData, float).reshape(-1, 2),
+            item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
+        )
+        for item in content_items(sr)
+        if item.ValueType == "SCOORD"
+    ]
 
 
 def ct_series(n: int) -> list[Dataset]:
@@ -146,8 +164,12 @@ def out(tmp_path: Path) -> Path:
 def test_present_finding_on_ct(out: Path) -> None:
     sources = ct_series(3)
     task = "Head CT hemorrhage detection"
-    explained = [explanation(sources[1], "Intracranial hemorrhage", 0.87), explanation(sources[2], "x", 0.6)]
-    analysis = Analysis(task, sources, [Finding(HEMORRHAGE, True, 0.91, 0.5)], explained)
+    finding = Finding(HEMORRHAGE, True, 0.91, 0.5, Site(BRAIN, SIDES["L"], POSTERIOR))
+    explained = [
+        explanation(sources[1], "Intracranial hemorrhage", 0.87, finding=finding),
+        explanation(sources[2], "x", 0.6),
+    ]
+    analysis = Analysis(task, sources, [finding], explained)
 
     scs, sr = results(analysis)
     assert len(scs) == 2
@@ -172,15 +194,23 @@ def test_present_finding_on_ct(out: Path) -> None:
         '(1386000,SCT,"Intracranial hemorrhage")=(52101004,SCT,"Present")',
         'NUM:(122157,DCM,"Probability")="0.91" (1,UCUM,"no units")',
         f'TEXT:(121106,DCM,"Comment")="{DISCLAIMER}"',
-        '(112039,DCM,"Tracking Identifier")="Intracranial hemorrhage"',
+        '(112039,DCM,"Tracking Identifier")="Intracranial hemorrhage, Left posterior brain"',
         f'(112040,DCM,"Tracking Unique Identifier")="{tracking_uid}"',
         '(121058,DCM,"Procedure reported")=(303653007,SCT,"Computed tomography of head")',
         f"sha256={MODEL.sha256}",
         f'(121012,DCM,"Device Observer UID")="{MODEL.device_uid}"',
+        '(363698007,SCT,"Finding Site")=(12738006,SCT,"Brain")',
+        '(272741003,SCT,"Laterality")=(7771000,SCT,"Left")',
+        '(106233006,SCT,"Topographical modifier")=(255551008,SCT,"Posterior")',
+        f'TEXT:(121106,DCM,"Comment")="{HOT_AREA}"',
     ):
         assert expected in dump, expected
-    for source in sources:
-        assert source.SOPInstanceUID in dump
+    # Drawn where the finding shows: a closed outline of the hot spot on the slice that explains it.
+    ((kind, points, selected),) = regions(reread)
+    assert (kind, selected) == ("POLYLINE", sources[1].SOPInstanceUID)
+    assert len(points) >= 4 and (points[0] == points[-1]).all()
+    centre = points[:-1].mean(axis=0) / [sources[1].Columns, sources[1].Rows]
+    assert np.allclose(centre, [0.62, 0.4], atol=0.03), centre
 
 
 def test_absent_finding_on_radiograph(out: Path) -> None:
@@ -200,6 +230,17 @@ def test_absent_finding_on_radiograph(out: Path) -> None:
     dump = dsrdump(sr_path)
     assert '(36118008,SCT,"Pneumothorax")=(272519000,SCT,"Absent")' in dump
     assert '(122157,DCM,"Probability")="0.12"' in dump
+    # Absent: no focal location is claimed; the region is the image area analysed.
+    assert f'TEXT:(121106,DCM,"Comment")="{ANALYSED_AREA}"' in dump
+    ((kind, points, selected),) = regions(pydicom.dcmread(sr_path))
+    assert (kind, selected) == ("POLYLINE", source.SOPInstanceUID)
+    assert points.tolist() == [
+        [0, 0],
+        [source.Columns, 0],
+        [source.Columns, source.Rows],
+        [0, source.Rows],
+        [0, 0],
+    ]
     assert '"Procedure reported")=(43468-8,LN,"XR unspecified body region")' in dump
 
 
@@ -233,6 +274,8 @@ def test_not_analysed(out: Path) -> None:
     reread = pydicom.dcmread(sr_path)
     (group,) = [i for i in content_items(reread) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
     assert not [i for i in content_items(group) if i.ValueType == "NUM"]  # never a probability
+    ((_, _, selected),) = regions(reread)  # shown on the middle image, where a viewer finds it
+    assert selected == sources[1].SOPInstanceUID
     texts = [i.TextValue for i in content_items(reread) if i.ValueType == "TEXT"]
     assert f"NOT ANALYSED: {reason}" in texts and DISCLAIMER in texts
     assert evidence(reread) == {(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in [*sources, sc]}
@@ -242,16 +285,31 @@ def test_not_analysed(out: Path) -> None:
     assert f'{summary}=(111245,DCM,"No algorithms succeeded; without findings")' in dump
 
 
-def test_non_ascii_text_is_written_in_utf8(out: Path) -> None:
+@pytest.mark.parametrize(
+    ("charset", "task", "reason"),
+    [
+        (None, "Blutung (Hamorrhagie)", "Schichtdicke zu gross"),  # default repertoire: ASCII only
+        ("ISO_IR 100", "Blutung (Hämorrhagie)", "Schichtdicke zu groß"),
+    ],
+)
+def test_the_nodes_own_text_is_fitted_to_the_sources_character_set(
+    out: Path, charset: str | None, task: str, reason: str
+) -> None:
+    """Results keep the source's set, in which the patient is named (node/outputs/charset.py); what
+    it cannot encode of the node's own text is spelled in ASCII."""
     sources = ct_series(1)
-    del sources[0].SpecificCharacterSet  # default repertoire: ASCII only
+    if charset is None:
+        del sources[0].SpecificCharacterSet
     analysis = Analysis("Blutung (Hämorrhagie)", sources, not_analysed_reason="Schichtdicke zu groß")
     (sc,), sr = results(analysis)
     for ds, name in ((sc, "sc.dcm"), (sr, "sr.dcm")):
         path = save(ds, out / name)
-        assert pydicom.dcmread(path).SeriesDescription.endswith("Blutung (Hämorrhagie)")
+        reread = pydicom.dcmread(path)
+        assert reread.get("SpecificCharacterSet") == charset
+        assert reread.SeriesDescription.endswith(task)
         validate(path)
-    assert sc.SpecificCharacterSet == sr.SpecificCharacterSet == "ISO_IR 192"
+    texts = [i.TextValue for i in content_items(pydicom.dcmread(out / "sr.dcm")) if i.ValueType == "TEXT"]
+    assert f"NOT ANALYSED: {reason}" in texts
 
 
 def test_ct_without_window_renders_and_validates(out: Path) -> None:
@@ -273,3 +331,30 @@ def test_disclaimer_always_says_not_for_diagnostic_use() -> None:
     ]
     other = ModelIdentity("m", "1", "0" * 64, "f", disclaimer="Research use only")
     assert disclaimer_lines(other) == ["NOT FOR DIAGNOSTIC USE", "Research use only"]
+
+
+@pytest.mark.parametrize("spacing", [None, 0.05])
+def test_segmented_area_in_mm2_only_where_pixel_spacing_is_known(out: Path, spacing: float | None) -> None:
+    source = photo()
+    if spacing is not None:
+        source.PixelSpacing = [spacing, spacing]
+    pixels = np.zeros((source.Rows, source.Columns), bool)
+    pixels[100:140, 150:210] = True  # 40 × 60 = 2400 pixels
+    finding = Finding(RETINOPATHY, True, 0.7, 0.5)
+    analysis = Analysis(
+        "Lesion",
+        [source],
+        [finding],
+        [explanation(source, "x", 0.7, finding=finding)],
+        masks=[Mask(source, pixels, LESION, "Lesion")],
+    )
+    _, sr = results(analysis)
+    dump = dsrdump(save(sr, out / "sr.dcm"))
+    validate(out / "sr.dcm")
+    if spacing is None:
+        assert 'NUM:(42798000,SCT,"Area")="2400.0" ({pixels},UCUM,"Pixels")' in dump
+    else:
+        assert 'NUM:(42798000,SCT,"Area")="6.0" (mm2,UCUM,"square millimeter")' in dump
+    (_, hot, _), (kind, points, selected) = regions(pydicom.dcmread(out / "sr.dcm"))
+    assert (kind, selected) == ("POLYLINE", source.SOPInstanceUID)
+    assert points.min(axis=0).tolist() == [150.5, 100.5] and points.max(axis=0).tolist() == [209.5, 139.5]

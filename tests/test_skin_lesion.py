@@ -69,11 +69,12 @@ def test_preprocess_takes_the_centre_square_and_scales_to_unit_range() -> None:
     assert centre_crop(image).shape == (60, 60, 3)
 
 
-def test_written_photograph_is_a_vl_photographic_image_of_skin(tmp_path: Path) -> None:
+def test_written_photograph_is_a_dermoscopic_photograph_of_skin(tmp_path: Path) -> None:
     path = write_dermoscopy(tmp_path, "mel", seed=3, shape=(120, 160))
     ds = dcmread(path)
-    assert (ds.Modality, ds.BodyPartExamined, ds.PhotometricInterpretation) == ("XC", "SKIN", "RGB")
-    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.4"
+    assert (ds.Modality, ds.PhotometricInterpretation) == ("DMS", "RGB")
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.7"  # Dermoscopic Photography Image Storage
+    assert ds.AnatomicRegionSequence[0].CodeValue == "39937001"  # skin
     assert np.array_equal(ds.pixel_array, render(np.random.default_rng(3), "mel", (120, 160)).rgb)
 
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from pydicom import Dataset
 
-from training.demo_dicom import photograph
+from training.demo_dicom import Code, photograph
 
 HB_RANGE = (6.0, 16.0)  # g/dL, drawn uniformly
 # Anaemic below this haemoglobin: WHO's cut-off for pregnancy and children of 6–59 months, used here
@@ -34,6 +34,7 @@ KINDS = ("eye", "no_sclera", "dark", "bright")
 SOURCE_SIZES = ((240, 320), (300, 400), (360, 480))  # (rows, columns): 4:3 phone-camera crops
 STUDY = "External eye photography"
 SERIES = "Lower eyelid conjunctiva"
+CONJUNCTIVA: Code = ("29445007", "SCT", "Conjunctiva")  # CID 4209 Ophthalmic Anatomic Structure Imaged
 
 
 @dataclass(frozen=True)
@@ -334,8 +335,17 @@ def render(
 
 
 def conjunctiva_dataset(phantom: ConjunctivaPhantom, key: str) -> Dataset:
-    """The phantom as a VL Photographic Image a phone or slit-lamp camera would send (Modality XC)."""
-    return photograph(phantom.rgb, key, study=STUDY, series=SERIES, body_part="EYE", laterality=phantom.side)
+    """The phantom as an external eye photograph a phone or slit-lamp camera would send: VL
+    Photographic Image (Modality XC), body part EYE, the conjunctiva as the anatomic region."""
+    return photograph(
+        phantom.rgb,
+        key,
+        study=STUDY,
+        series=SERIES,
+        body_part="EYE",
+        laterality=phantom.side,
+        region=CONJUNCTIVA,
+    )
 
 
 def write_conjunctiva(folder: Path, seed: int, kind: str = "eye", hb: float | None = None) -> Path:

@@ -2,8 +2,10 @@
 (:func:`base_dataset`, which the head-CT series builds on too), radiographs and colour photographs.
 
 A phantom module renders pixels with known ground truth; these builders wrap them in a complete
-instance of the matching IOD (checked with dciodvfy) as a modality would send it, so demo studies
-and tests travel the real DICOM path. UIDs derive from ``key``: the same key gives the same instance.
+instance of the matching IOD (checked with dciodvfy) as a modality would send it — SOP class,
+Modality, anatomic region and laterality included, since routes choose a task by them — so demo
+studies and tests travel the real DICOM path. UIDs derive from ``key``: the same key gives the same
+instance.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    DermoscopicPhotographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    OphthalmicPhotography8BitImageStorage,
     VLPhotographicImageStorage,
     generate_uid,
 )
 
 WHEN = datetime(2024, 1, 1, 9, 0, 0)
+Code = tuple[str, str, str]  # code value, coding scheme designator, code meaning
 
 
 def uid(key: str, part: str) -> str:
@@ -33,6 +38,51 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
     return item
+
+
+def _ophthalmic(ds: Dataset) -> None:
+    """The Ophthalmic Photography 8 Bit modules beyond a VL photograph, as a non-mydriatic fundus
+    camera fills them: one frame, no stereo synchronisation, a 45° field, the camera's type."""
+    ds.NumberOfFrames = 1
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time
+    ds.FrameTime = "0"
+    ds.SynchronizationFrameOfReferenceUID = "1.2.840.10008.15.1.1"  # UTC
+    ds.SynchronizationTrigger = "NO TRIGGER"
+    ds.AcquisitionTimeSynchronized = "N"
+    ds.PatientEyeMovementCommanded = "NO"
+    ds.HorizontalFieldOfView = 45.0
+    ds.RefractiveStateSequence = []
+    ds.EmmetropicMagnification = None
+    ds.IntraOcularPressure = None
+    ds.PupilDilated = "NO"
+    ds.AcquisitionDeviceTypeCodeSequence = [_code("409898007", "SCT", "Fundus Camera")]
+    ds.IlluminationTypeCodeSequence = []
+    ds.LightPathFilterTypeStackCodeSequence = []
+    ds.ImagePathFilterTypeStackCodeSequence = []
+    ds.LensesCodeSequence = []
+    ds.DetectorType = "CMOS"
+
+
+def _dermoscopic(ds: Dataset) -> None:
+    """The Dermoscopic Photography modules beyond a VL photograph, as a polarised contact-free
+    dermatoscope on a phone fills them."""
+    ds.FrameOfReferenceUID = uid(str(ds.SeriesInstanceUID), "frame")  # one per series
+    ds.PositionReferenceIndicator = ""
+    ds.DeviceSerialNumber = "PHANTOM-0001"
+    ds.SoftwareVersions = "1"
+    ds.RecognizableVisualFeatures = "NO"
+    ds.LightSourcePolarization = "POLARIZED"
+    ds.EmitterColorTemperature = None
+    ds.ContactMethod = "NON_CONTACT"
+    ds.OpticalMagnificationFactor = 10.0
+
+
+# Per photographic SOP class: its Modality, and the modules its IOD adds to a VL photograph.
+_PHOTOGRAPHIC = {
+    VLPhotographicImageStorage: ("XC", None),
+    OphthalmicPhotography8BitImageStorage: ("OP", _ophthalmic),
+    DermoscopicPhotographyImageStorage: ("DMS", _dermoscopic),
+}
 
 
 def base_dataset(
@@ -63,7 +113,8 @@ def base_dataset(
     ds.StudyDescription = study
     ds.SeriesDescription = f"{series} (synthetic phantom)"
     ds.Modality = modality
-    ds.BodyPartExamined = body_part
+    if body_part:  # Type 3; a dermoscope, for one, names the site in the Anatomic Region Sequence only
+        ds.BodyPartExamined = body_part
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance
     ds.Manufacturer = "AI node project"
@@ -139,17 +190,29 @@ def photograph(
     series: str,
     body_part: str,
     laterality: str | None = None,
+    region: Code | None = None,
     sop_class_uid: UID = VLPhotographicImageStorage,
-    modality: str = "XC",
+    modality: str | None = None,
 ) -> Dataset:
-    """A VL Photographic Image (or another VL class given by ``sop_class_uid``) from (H, W, 3) uint8 RGB."""
+    """A VL Photographic, Ophthalmic Photography 8 Bit or Dermoscopic Photography image (by
+    ``sop_class_uid``) from (H, W, 3) uint8 RGB: what is photographed in the Anatomic Region Sequence
+    (``region``), Image Laterality R, L, U (unpaired) or B, Modality the class's unless given."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"a photograph is (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
-    ds = base_dataset(key, sop_class_uid, modality, study=study, series=series, body_part=body_part)
+    if sop_class_uid not in _PHOTOGRAPHIC:
+        raise ValueError(f"SOP class {sop_class_uid} is not one of {sorted(_PHOTOGRAPHIC)}")
+    own_modality, modules = _PHOTOGRAPHIC[sop_class_uid]
+    ds = base_dataset(
+        key, sop_class_uid, modality or own_modality, study=study, series=series, body_part=body_part
+    )
     if laterality is not None:
-        if laterality not in ("L", "R"):
-            raise ValueError(f"laterality is 'L' or 'R', got {laterality!r}")
+        if laterality not in ("L", "R", "U", "B"):
+            raise ValueError(f"laterality is 'L', 'R', 'U' or 'B', got {laterality!r}")
         ds.ImageLaterality = laterality
+    if region is not None:
+        ds.AnatomicRegionSequence = [_code(*region)]
+    if modules is not None:
+        modules(ds)
     ds.AcquisitionContextSequence = []
     ds.LossyImageCompression = "00"
     ds.PatientOrientation = ""

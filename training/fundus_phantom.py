@@ -32,13 +32,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pydicom import Dataset
+from pydicom.uid import OphthalmicPhotography8BitImageStorage
 
-from training.demo_dicom import photograph
+from training.demo_dicom import Code, photograph
 
 CLASSES = ("normal", "diabetic_retinopathy", "macular_degeneration", "branch_vein_occlusion")
 LATERALITIES = ("R", "L")
 STUDY = "Colour fundus photography"
 SERIES = "Fundus photographs, both eyes"
+RETINA: Code = ("5665001", "SCT", "Retina")  # CID 4209 Ophthalmic Anatomic Structure Imaged
 
 
 @dataclass
@@ -561,11 +563,17 @@ def sample(rng: np.random.Generator, sizes: Sequence[int], label: int | None = N
 
 
 def fundus_dataset(fundus: Fundus, key: str, instance: int = 1) -> Dataset:
-    """A VL Photographic Image (XC) instance of the photograph, body part EYE, Image Laterality set.
-    (A fundus camera would send Ophthalmic Photography 8 Bit; that IOD's many ophthalmic modules are
-    beyond a demo phantom, and the VL Photographic IOD passes dciodvfy as built here.)"""
+    """The photograph as a fundus camera sends it: Ophthalmic Photography 8 Bit (Modality OP), body
+    part EYE, the retina as the anatomic region, Image Laterality set."""
     ds = photograph(
-        fundus.rgb, key, study=STUDY, series=SERIES, body_part="EYE", laterality=fundus.laterality
+        fundus.rgb,
+        key,
+        study=STUDY,
+        series=SERIES,
+        body_part="EYE",
+        laterality=fundus.laterality,
+        region=RETINA,
+        sop_class_uid=OphthalmicPhotography8BitImageStorage,
     )
     ds.InstanceNumber = instance
     return ds

@@ -21,12 +21,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pydicom import Dataset
+from pydicom.uid import DermoscopicPhotographyImageStorage
 
-from training.demo_dicom import photograph
+from training.demo_dicom import Code, photograph
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 CROP_FRACTION = 2.0 / 3.0  # the prototype: 300 of 450 rows; every lesion fits inside this centre square
 SOURCE_SIZE = (450, 600)  # (rows, columns) of a HAM10000 image
+SKIN: Code = ("39937001", "SCT", "Skin")  # CID 4029 Dermatology Anatomic Site
 MAX_EXTENT = 0.3  # of the shorter side: the farthest a lesion reaches from the image centre (crop: 1/3)
 
 Colour = tuple[float, float, float]
@@ -353,13 +355,17 @@ def sample(rng: np.random.Generator, shape: tuple[int, int] = SOURCE_SIZE) -> Sk
 
 
 def dermoscopy_dataset(phantom: SkinPhantom, key: str) -> Dataset:
-    """The phantom as a VL Photographic Image a dermoscopy camera would send (Modality XC)."""
+    """The phantom as a dermatoscope sends it: Dermoscopic Photography Image (Modality DMS), the skin
+    as the anatomic region (no Body Part Examined: DICOM defines no term for skin), unpaired."""
     return photograph(
         phantom.rgb,
         key,
         study="Dermoscopy",
         series=f"Dermoscopy of skin lesion ({phantom.kind})",
-        body_part="SKIN",
+        body_part="",
+        laterality="U",
+        region=SKIN,
+        sop_class_uid=DermoscopicPhotographyImageStorage,
     )
 
 

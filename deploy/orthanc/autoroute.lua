@@ -4,7 +4,7 @@
 -- Load with "LuaScripts": ["autoroute.lua"] and declare the node in "DicomModalities" as "ainode".
 
 local AINODE = 'ainode'
-local FORWARD = { CT = true, CR = true, DX = true, OP = true, XC = true }
+local FORWARD = { CT = true, CR = true, DX = true, OP = true, XC = true, DMS = true }
 
 function OnStableSeries(seriesId, tags, metadata)
    local modality = tags['Modality'] or ''

@@ -46,7 +46,7 @@ class Task:
     """A job to run here: the spec, and where its data lies on this machine."""
 
     spec: JobSpec
-    files: Sequence[str]  # the series' instances
+    files: Sequence[str]  # the instances of every series the job covers (a study-level route: several)
     out_dir: str  # emptied, then filled with the results
     models_dir: str
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from node import audit
 from node.config import JobSettings, OutputSpec
-from node.db import Database, Instance, Job, JobStatus, Result, Send, utcnow
+from node.db import Database, Instance, Job, JobStatus, Result, Send, job_series, utcnow
 from node.jobs.run import JobOutput, JobSpec
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ NOT_RETRIED = ("model_refused", "model_missing")  # running it again cannot help
 
 @dataclass(frozen=True)
 class Claim:
-    """A job claimed for running: its spec, and the series' files in this node's spool."""
+    """A job claimed for running: its spec, and the files of every series it covers in this node's
+    spool."""
 
     spec: JobSpec
     files: list[str]
@@ -62,7 +63,10 @@ class JobStore:
                 return None  # another dispatcher took it
             session.refresh(job)
             files = session.scalars(
-                select(Instance.path).where(Instance.series_fk == job.series_fk).order_by(Instance.id)
+                select(Instance.path)
+                .join(job_series, job_series.c.series_fk == Instance.series_fk)
+                .where(job_series.c.job_fk == job.id)
+                .order_by(Instance.series_fk, Instance.id)
             ).all()
             audit.record(
                 session,

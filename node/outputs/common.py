@@ -3,7 +3,10 @@ character set its text is written in."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
+from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
@@ -37,21 +40,14 @@ def not_analysed_text(reason: str) -> str:
 
 
 def character_set(context: OutputContext) -> str | MultiValue | None:
-    """The sources' Specific Character Set, in which their patient names are written, unless the
-    text the result adds is not plain ASCII (which every character set has): then UTF-8."""
-    analysis, model = context.analysis, context.model
-    texts = [
-        context.series_description,
-        analysis.task,
-        analysis.not_analysed_reason or "",
-        *(finding.concept.meaning for finding in analysis.findings),
-        *(explanation.label for explanation in analysis.explanations),
-        model.name,
-        model.version,
-        model.family,
-        model.disclaimer,
-        model.manufacturer,
-    ]
-    if all(text.isascii() for text in texts):
-        return analysis.sources[0].get("SpecificCharacterSet")
-    return "ISO_IR 192"
+    """What a writer gives highdicom as Specific Character Set: none. The result's is the source's,
+    set with the source's identity bytes once the writer returns (:mod:`node.outputs.charset`), and
+    highdicom would refuse many of them (an empty first value, ISO 2022 IR 149)."""
+    return None
+
+
+def middle_image(sources: Sequence[Dataset]) -> Dataset:
+    """The image in the middle of a series by Instance Number: where a result about the whole series
+    (e.g. why it was not analysed) is shown."""
+    ordered = sorted(sources, key=lambda ds: int(ds.get("InstanceNumber") or 0))
+    return ordered[len(ordered) // 2]

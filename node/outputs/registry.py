@@ -5,6 +5,8 @@ lists in its ``outputs`` (``["sc", "sr"]`` by default), with the kind the result
 the series number and description its objects get unless the route sets others. Writers run in the
 route's order and see what the writers before them made (the report lists the overlays as evidence).
 A writer turns an analysis into datasets and does nothing else: no model code, no files, no network.
+Whatever it writes, :func:`write_outputs` then gives each dataset the source's patient and study
+identity, as the source's bytes, and the source's character set (:mod:`node.outputs.charset`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydicom import Dataset
 
 from handlers.base import Analysis
 from node.config import OutputSpec
+from node.outputs.charset import SourceIdentity
 from node.runtime.identity import ModelIdentity
 
 _LO_MAX = 64  # Long String (LO): Series Description
@@ -87,7 +90,9 @@ def check_output(spec: OutputSpec) -> None:
 def write_outputs(
     analysis: Analysis, model: ModelIdentity, specs: Sequence[OutputSpec]
 ) -> list[tuple[str, Dataset]]:
-    """Every object the route's outputs make, in order, each with its kind."""
+    """Every object the route's outputs make, in order, each with its kind, each carrying the source's
+    patient and study identity in the source's character set (:mod:`node.outputs.charset`)."""
+    identity = SourceIdentity.of(analysis.sources[0])  # before a writer decodes the source's bytes
     made: list[tuple[str, Dataset]] = []
     for spec in specs:
         writer = output_writer(spec.writer)
@@ -99,4 +104,6 @@ def write_outputs(
             earlier=[dataset for _, dataset in made],
         )
         made.extend((writer.kind, dataset) for dataset in writer.write(context))
+    for _, dataset in made:
+        identity.apply(dataset)
     return made

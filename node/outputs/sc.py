@@ -7,7 +7,6 @@ is not for diagnostic use. The caption is burned in, so it survives any viewer.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
 
 import cv2
@@ -18,10 +17,17 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from handlers.base import Explanation, Finding
+from handlers.base import Explanation, Mask
 from node.dicom.attributes import laterality, patient_orientation
 from node.dicom.display import display_rgb8
-from node.outputs.common import character_set, contributing_equipment, disclaimer_lines, not_analysed_text
+from node.outputs.charset import transliterate
+from node.outputs.common import (
+    character_set,
+    contributing_equipment,
+    disclaimer_lines,
+    middle_image,
+    not_analysed_text,
+)
 from node.outputs.registry import OutputContext, register_output
 from node.runtime.identity import ModelIdentity
 
@@ -32,79 +38,106 @@ Colour = tuple[int, int, int]
 _WHITE: Colour = (255, 255, 255)
 _YELLOW: Colour = (255, 220, 0)
 _GREY: Colour = (128, 128, 128)
+_GREEN: Colour = (0, 255, 0)  # a segmentation's outline: a colour the JET heatmap never takes
+Line = tuple[str, Colour]
 
 
 @register_output("sc", kind="SC", series_number=9000, series_description="AI overlay: {task}")
 def secondary_captures(context: OutputContext) -> list[Dataset]:
-    """One SC per explanation, all in one new series of the source study. A series that was not
-    analysed gets one SC of its middle image saying why, so the reader is never left guessing."""
+    """One SC per explanation, in a new series of the source study; one series per side where the
+    pages show both (the two eyes of a visit), since Laterality belongs to the series. A series that was
+    not analysed gets one SC of its middle image saying why, so the reader is never left guessing."""
     analysis, model = context.analysis, context.model
     if analysis.analysed:
-        pages = [
-            (
-                explanation.source,
-                _overlay(explanation),
-                (_finding_text(explanation, analysis.findings), _WHITE),
-                f"Grad-CAM heatmap of {explanation.label} over the model input; caption burned in",
-            )
-            for explanation in analysis.explanations
-        ]
+        pages = [_explained(explanation, analysis.masks, model) for explanation in analysis.explanations]
     else:
-        source = _middle(analysis.sources)
+        source = middle_image(analysis.sources)
         reason = (not_analysed_text(analysis.not_analysed_reason or ""), _YELLOW)
         pages = [
-            (source, display_rgb8(source), reason, "Middle source image, not analysed; caption burned in")
+            (source, display_rgb8(source), [reason], "Middle source image, not analysed; caption burned in")
         ]
-    series_uid, charset = generate_uid(), character_set(context)
-    return [
-        _secondary_capture(
-            source,
-            _with_caption(image, _caption(analysis.task, verdict, model)),
-            derivation,
-            context=context,
-            series_uid=series_uid,
-            instance_number=number,
-            charset=charset,
+    charset = character_set(context)
+    series: dict[str | None, tuple[str, list[Dataset]]] = {}
+    for source, image, verdict, derivation in pages:
+        series_uid, written = series.setdefault(laterality(source), (generate_uid(), []))
+        written.append(
+            _secondary_capture(
+                source,
+                _with_caption(image, _caption(analysis.task, verdict, model)),
+                derivation,
+                context=context,
+                series_uid=series_uid,
+                instance_number=len(written) + 1,
+                charset=charset,
+            )
         )
-        for number, (source, image, verdict, derivation) in enumerate(pages, start=1)
-    ]
+    return [sc for _, written in series.values() for sc in written]
 
 
-def _caption(task: str, verdict: tuple[str, Colour], model: ModelIdentity) -> list[tuple[str, Colour]]:
+def _explained(
+    explanation: Explanation, masks: Sequence[Mask], model: ModelIdentity
+) -> tuple[Dataset, np.ndarray, list[Line], str]:
+    """The page of one explanation: the heatmap, and the outline of every mask of the same source
+    image, each named in the caption with the model that drew it."""
+    uid = explanation.source.SOPInstanceUID
+    outlined = [mask for mask in masks if mask.source.SOPInstanceUID == uid]
+    verdict = [(_finding_text(explanation), _WHITE)]
+    for mask in outlined:
+        drawer = mask.model or model
+        verdict.append((f"Outline: {mask.label} (segmentation model {drawer.name} {drawer.version})", _GREEN))
+    drawn = "".join(f"; outline of {mask.label} from its segmentation" for mask in outlined)
+    derivation = f"Grad-CAM heatmap of {explanation.label} over the model input{drawn}; caption burned in"
+    return explanation.source, _overlay(explanation, outlined), verdict, derivation
+
+
+def _caption(task: str, verdict: Sequence[Line], model: ModelIdentity) -> list[Line]:
     return [
         (task, _WHITE),
-        verdict,
+        *verdict,
         (f"Model: {model.name} {model.version}", _WHITE),
         *[(line, _YELLOW) for line in disclaimer_lines(model)],
     ]
 
 
-def _finding_text(explanation: Explanation, findings: Sequence[Finding]) -> str:
-    """The series-level verdict for the explained label, and the probability on this image."""
-    matches = [f for f in findings if f.concept.meaning.casefold() == explanation.label.casefold()]
-    finding = matches[0] if matches else (findings[0] if len(findings) == 1 else None)
+def _finding_text(explanation: Explanation) -> str:
+    """The verdict on the finding this image explains, and the probability on this image."""
+    finding = explanation.finding
     if finding is None:
         return f"{explanation.label}: probability {explanation.probability:.2f} on this image"
     verdict = "PRESENT" if finding.present else "ABSENT"
+    where = f" ({finding.site.words})" if finding.site else ""
     return (
-        f"{finding.concept.meaning}: {verdict}, probability {finding.probability:.2f} "
+        f"{finding.concept.meaning}{where}: {verdict}, probability {finding.probability:.2f} "
         f"(this image {explanation.probability:.2f})"
     )
 
 
-def _overlay(explanation: Explanation) -> np.ndarray:
+def _overlay(explanation: Explanation, masks: Sequence[Mask]) -> np.ndarray:
     """JET heatmap over the image, opaque where the heat is high and clear where it is low, so that
-    the anatomy around a hot spot stays readable."""
+    the anatomy around a hot spot stays readable; each mask's outline over it in green."""
     heat = np.clip(explanation.heatmap.astype(np.float32), 0.0, 1.0)
     colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     alpha = (_HEAT_ALPHA * heat)[..., None]
     blended = explanation.image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha
-    return np.round(blended).astype(np.uint8)
+    image = np.round(blended).astype(np.uint8)
+    for mask in masks:
+        _draw_outline(image, explanation, mask.pixels)
+    return image
 
 
-def _middle(sources: Sequence[Dataset]) -> Dataset:
-    ordered = sorted(sources, key=lambda ds: int(ds.get("InstanceNumber") or 0))
-    return ordered[len(ordered) // 2]
+def _draw_outline(image: np.ndarray, explanation: Explanation, pixels: np.ndarray) -> None:
+    """The mask's borders (holes' too), traced on the source's pixels and drawn where ``image`` shows
+    them (the explanation's region, scaled), 2 px wide once the page is 512 px wide."""
+    contours, _ = cv2.findContours(pixels.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    top, left, height, width = explanation.source_region
+    scale = np.array([image.shape[1] / width, image.shape[0] / height])
+    shift = 4  # cv2's fixed point: vertices to 1/16 pixel
+    lines = [
+        np.round(((c.reshape(-1, 2) - (left, top) + 0.5) * scale - 0.5) * (1 << shift)).astype(np.int32)
+        for c in contours
+    ]
+    thickness = max(1, round(2 * image.shape[1] / _MIN_WIDTH))
+    cv2.polylines(image, lines, isClosed=True, color=_GREEN, thickness=thickness, shift=shift)
 
 
 def _with_caption(image: np.ndarray, lines: Sequence[tuple[str, Colour]]) -> np.ndarray:
@@ -123,7 +156,7 @@ def _with_caption(image: np.ndarray, lines: Sequence[tuple[str, Colour]]) -> np.
     wrapped = [
         (part, colour)
         for text, colour in lines
-        for part in _wrap(_ascii(text), width - 2 * margin, scale, thickness)
+        for part in _wrap(transliterate(text), width - 2 * margin, scale, thickness)
     ]
     band = np.zeros((margin + line_height * len(wrapped) + margin, width, 3), np.uint8)
     band[:thickness] = _GREY
@@ -143,11 +176,6 @@ def _wrap(text: str, max_width: int, scale: float, thickness: int) -> list[str]:
         else:
             lines.append(word)
     return lines or [""]
-
-
-def _ascii(text: str) -> str:
-    """Hershey fonts draw ASCII only: "Hämorrhagie" becomes "Hamorrhagie" rather than "H?morrhagie"."""
-    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
 
 
 def _secondary_capture(

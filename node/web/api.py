@@ -60,7 +60,8 @@ def stage_timings(study: Study) -> dict[str, float | None]:
     jobs = [job for s in study.series for job in s.jobs]
     sends = [send for job in jobs for result in job.results for send in result.sends]
     last_instance = _latest(s.last_received_at for s in study.series)
-    ready = _latest(s.ready_at for s in study.series)
+    # Ready: the series complete and, for a study-level route, the whole study: when its job was made.
+    ready = _latest([*(s.ready_at for s in study.series), *(j.created_at for j in jobs)])
     started = _earliest(j.started_at for j in jobs)
     finished = _latest(j.finished_at for j in jobs)
     sent = _latest(s.sent_at for s in sends)
@@ -83,6 +84,7 @@ def _study_row(study: Study) -> dict[str, Any]:
         "status": study_status(study),
         "first_received_at": study.first_received_at,
         "last_received_at": study.last_received_at,
+        "stable_at": study.stable_at,
         "series": len(study.series),
         "instances": sum(s.instance_count for s in study.series),
         "timings": stage_timings(study),
@@ -108,6 +110,7 @@ def _study_detail(study: Study) -> dict[str, Any]:
                 {
                     "id": j.id,
                     "route": j.route,
+                    "series": [covered.series_uid for covered in j.inputs],  # a study-level route: several
                     "handler": j.handler,
                     "model": j.model,
                     "model_version": j.model_version,
@@ -148,6 +151,7 @@ def _study_detail(study: Study) -> dict[str, Any]:
 
 _STUDY_TREE = (
     selectinload(Study.series).selectinload(Series.jobs).selectinload(Job.results).selectinload(Result.sends),
+    selectinload(Study.series).selectinload(Series.jobs).selectinload(Job.inputs),
     selectinload(Study.patient),
 )
 
