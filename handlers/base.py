@@ -37,8 +37,13 @@ __all__ = [
     "outline",
 ]
 
-# The sides a finding site names (SNOMED CT, DICOM CID 244), by the letters DICOM's laterality uses.
-SIDES: Mapping[str, Code] = {"R": Code("24028007", "SCT", "Right"), "L": Code("7771000", "SCT", "Left")}
+# The sides a finding site names (SNOMED CT, DICOM CID 244), by the letters DICOM's laterality uses
+# ("B": both).
+SIDES: Mapping[str, Code] = {
+    "R": Code("24028007", "SCT", "Right"),
+    "L": Code("7771000", "SCT", "Left"),
+    "B": Code("51440002", "SCT", "Right and left"),
+}
 HOT = 0.5  # of a heatmap's peak: the hot area a finding's outline encloses
 _MAX_VERTICES = 48  # an outline is simplified until it has at most this many vertices
 
@@ -52,9 +57,15 @@ class Site:
     laterality: Code | None = None
     modifier: Code | None = None
 
+    @classmethod
+    def on(cls, structure: Code, side: str | None, modifier: Code | None = None) -> Site:
+        """The site on the side DICOM's laterality letter names ("R", "L", "B"; None or another
+        letter: no side)."""
+        return cls(structure, SIDES.get(side or ""), modifier)
+
     @property
     def words(self) -> str:
-        """The site as a reader says it: "Left posterior Brain"."""
+        """The site as a reader says it: "Left posterior brain"."""
         parts = [c.meaning for c in (self.laterality, self.modifier) if c is not None]
         return " ".join([*parts, self.structure.meaning]).capitalize()
 
@@ -69,9 +80,10 @@ class Finding:
     probability: float
     threshold: float
     site: Site | None = None
-    # The source image that shows the finding most, where the handler knows it: the report anchors the
-    # finding there when no explanation locates it.
+    # The source image that shows the finding most, where the handler knows it: the report anchors a
+    # finding that no explanation shows on this image.
     image: Dataset | None = field(default=None, compare=False, repr=False)
+    note: str = ""  # how the finding was reached, where the report should say it (two eyes combined)
 
 
 def outline(mask: np.ndarray, around: tuple[int, int] | None = None) -> np.ndarray:

@@ -25,7 +25,6 @@ from pydicom.uid import (
 )
 
 from handlers.base import (
-    SIDES,
     Analysis,
     Code,
     Explanation,
@@ -36,6 +35,7 @@ from handlers.base import (
     TaskOptions,
     model_labels,
 )
+from node.dicom.attributes import patient_orientation
 from node.dicom.display import display_pixels
 
 TASK = "Pediatric chest X-ray findings"
@@ -121,23 +121,29 @@ def source_heatmap(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def side(ds: Dataset, heatmap: np.ndarray) -> str | None:
-    """The patient's side of the heatmap peak, from Patient Orientation (the direction of the columns;
-    a frontal film is hung with the patient's left on the viewer's right); None near the middle."""
-    orientation = ds.get("PatientOrientation") or ["L", "F"]
-    towards_left = str(orientation[0]).upper().startswith("L")
+    """The patient's side of the heatmap peak, "R" or "L", from the direction the columns run in
+    (Patient Orientation, else Image Orientation); None near the middle, for a heatmap without heat,
+    or where the image does not say which way it hangs."""
+    orientation = patient_orientation(ds)
+    if orientation is None or orientation[0] not in ("L", "R") or not float(heatmap.max()) > 0.0:
+        return None
     column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)[1]
     offset = column / max(heatmap.shape[1] - 1, 1) - 0.5
     if abs(offset) < SIDE_MARGIN:
         return None
-    return "left" if (offset > 0) == towards_left else "right"
+    towards = orientation[0]  # the side the columns run towards
+    return towards if offset > 0 else {"L": "R", "R": "L"}[towards]
 
 
 def _site(name: str, side: str | None) -> Site:
     """A lung finding's site is its lung (with the side where its heatmap names one); the heart's is
     the heart."""
-    if name not in UNILATERAL:
-        return Site(HEART)
-    return Site(LUNG, SIDES.get(side[0].upper()) if side else None)
+    return Site.on(LUNG, side) if name in UNILATERAL else Site(HEART)
+
+
+def _side_words(site: Site | None) -> str:
+    """ ", right lung" where the site names a side, else nothing."""
+    return f", {site.words.lower()}" if site is not None and site.laterality is not None else ""
 
 
 def _refusal(ds: Dataset, options: Options) -> str | None:
@@ -208,14 +214,21 @@ class ChestXRayHandler(Handler):
         )
         shown: dict[str, Explanation] = {}
         sides: dict[str, str | None] = {}
+        best = {name: int(probabilities[:, columns[name]].argmax()) for name in FINDINGS}  # its image
         for name in explained:
-            index = columns[name]
-            best = int(probabilities[:, index].argmax())
-            probability = float(probabilities[best, index])
+            index, image = columns[name], best[name]
+            probability = float(probabilities[image, index])
             explanation = _explain(
-                model, batch[best], index, usable[best], images[best], probability, codes[name].meaning, opts
+                model,
+                batch[image],
+                index,
+                usable[image],
+                images[image],
+                probability,
+                codes[name].meaning,
+                opts,
             )
-            sides[name] = side(usable[best], explanation.heatmap)
+            sides[name] = side(usable[image], explanation.heatmap)
             if name not in called:  # scaled by the probability, so an unconvincing overlay stays faint
                 explanation = replace(explanation, heatmap=explanation.heatmap * np.float32(study[name]))
             shown[name] = explanation
@@ -226,7 +239,7 @@ class ChestXRayHandler(Handler):
                 study[name],
                 float(cutoffs[name]),
                 _site(name, sides.get(name) if name in called else None),
-                usable[int(probabilities[:, columns[name]].argmax())],
+                usable[best[name]],
             )
             for name, code in codes.items()
         }
@@ -235,9 +248,7 @@ class ChestXRayHandler(Handler):
         normal = float(probabilities[:, columns[NORMAL_LABEL]].min())
         if called:
             parts = [
-                f"{codes[name].meaning.lower()}"
-                + (f", {sides[name]}" if name in UNILATERAL and sides.get(name) else "")
-                + f" (p={study[name]:.2f})"
+                f"{codes[name].meaning.lower()}{_side_words(findings[name].site)} (p={study[name]:.2f})"
                 for name in called
             ]
             summary = f"Suspected {_join(parts)}; normal p={normal:.2f}."

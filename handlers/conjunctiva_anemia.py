@@ -26,7 +26,6 @@ from pydantic import Field
 from pydicom import Dataset
 
 from handlers.base import (
-    SIDES,
     Analysis,
     Code,
     Explanation,
@@ -308,7 +307,7 @@ class ConjunctivaAnemiaHandler(Handler):
             bool(present),
             probability,
             float(threshold),
-            Site(CONJUNCTIVA, SIDES[side] if side else None),
+            Site.on(CONJUNCTIVA, side),
             usable[int(np.argmax(probabilities))][0],
         )
         explanations: list[Explanation] = []

@@ -174,8 +174,10 @@ def _image_numbers(slices: Sequence[Dataset], indices: Sequence[int]) -> str:
 def site(ds: Dataset, hu: np.ndarray, heatmap: np.ndarray) -> Site:
     """Where in the brain the heatmap peak lies — the prototype's estimate of the region: its side and
     whether anterior or posterior, from the image orientation, relative to the centre of the head on
-    that slice; near the centre neither is named."""
+    that slice; near the centre, or for a heatmap without heat, neither is named."""
     rows, cols = np.nonzero(hu > -300.0)
+    if not float(heatmap.max()) > 0.0 or not len(rows):
+        return Site(BRAIN)
     peak_row, peak_col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     half_width = max(float(np.ptp(rows)), float(np.ptp(cols)), 1.0) / 2.0
     orientation = np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)

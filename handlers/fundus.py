@@ -15,7 +15,7 @@ summary, the details and, where both eyes are shown, in each explanation's label
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import cv2
@@ -30,7 +30,6 @@ from pydicom.uid import (
 )
 
 from handlers.base import (
-    SIDES,
     Analysis,
     Code,
     Explanation,
@@ -55,6 +54,7 @@ OPHTHALMIC_SOP_CLASSES = {
     WideFieldOphthalmicPhotographyStereographicProjectionImageStorage,
     WideFieldOphthalmicPhotography3DCoordinatesImageStorage,
 }
+PATIENT_RULE = "The visit's result: a condition either eye shows, at that eye's probability"
 EYE = Code("81745001", "SCT", "Eye")  # every finding's site, with the eye's side where it is known
 EYES = {"R": "right eye", "L": "left eye", None: "eye of unknown laterality"}
 FOV_SEARCH_SIDE = 256  # the field of view is found on a copy this size: it is a large, smooth shape
@@ -296,12 +296,22 @@ class FundusHandler(Handler):
                 per_eye[eye][label] >= cutoffs[label],
                 per_eye[eye][label],
                 float(cutoffs[label]),
-                Site(EYE, SIDES.get(eye or "")),
+                Site.on(EYE, eye),
                 photos[best[eye, label]].source,
             )
             for eye in eyes
             for label in CONDITIONS
         }
+        # With both eyes, the visit's result comes first: per condition, the eye that shows it more.
+        visit = [
+            replace(
+                findings[max(eyes, key=lambda eye: per_eye[eye][label]), label],
+                site=Site.on(EYE, "B"),
+                note=PATIENT_RULE,
+            )
+            for label in CONDITIONS
+            if len(eyes) > 1
+        ]
 
         explanations: list[Explanation] = []
         if opts.explain:
@@ -330,7 +340,7 @@ class FundusHandler(Handler):
         return Analysis(
             task=TASK,
             sources=[photo.source for photo in photos],
-            findings=list(findings.values()),
+            findings=[*visit, *findings.values()],
             explanations=explanations,
             summary=summary[0].upper() + summary[1:] + ".",
             details={

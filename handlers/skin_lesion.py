@@ -18,7 +18,6 @@ from pydantic import Field
 from pydicom import Dataset
 
 from handlers.base import (
-    SIDES,
     Analysis,
     Code,
     Explanation,
@@ -111,10 +110,8 @@ def body_site(ds: Dataset) -> Site | None:
     ):
         return None
     item = regions[0]
-    side = laterality(ds)
-    return Site(
-        Code(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning)),
-        SIDES[side] if side else None,
+    return Site.on(
+        Code(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning)), laterality(ds)
     )
 
 
@@ -152,6 +149,7 @@ class SkinLesionHandler(Handler):
         per_image = np.concatenate([model.predict(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)])
         probabilities = per_image[:, indices].mean(axis=0)  # several photographs of one lesion: mean
         where = body_site(datasets[0])
+        shows = per_image.argmax(axis=0)  # per model output: the photograph that shows it best
         findings = [
             Finding(
                 codes[label],
@@ -159,14 +157,14 @@ class SkinLesionHandler(Handler):
                 float(p),
                 float(cutoffs[label]),
                 where,
-                datasets[int(np.argmax(per_image[:, index]))],  # the photograph that shows it best
+                datasets[shows[i]],
             )
-            for label, index, p in zip(CLASSES, indices, probabilities, strict=True)
+            for label, i, p in zip(CLASSES, indices, probabilities, strict=True)
         ]
         top = int(np.argmax(probabilities))
         top_label = CLASSES[top]
         model_index = indices[top]
-        best = int(np.argmax(per_image[:, model_index]))  # the photograph that shows it best
+        best = int(shows[model_index])
         heatmap = model.explain(batch[best : best + 1], model_index)[0]
         crop = crops[best]
         explanation = Explanation(

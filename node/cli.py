@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("pynetdicom", "apscheduler", "highdicom"):  # highdicom narrates every copied module
+    for noisy in ("pynetdicom", "apscheduler", "highdicom", "alembic"):  # each narrates every step
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))

@@ -241,7 +241,7 @@ def choose(routes: Sequence[Route], subject: Subject) -> list[Route]:
 
 
 @dataclass(frozen=True)
-class _Ready:
+class _SeriesView:
     """A series as routing sees it, read in one short transaction."""
 
     id: int
@@ -258,8 +258,8 @@ class _Ready:
     first_file: str | None  # read only where no header was kept
 
 
-def _read(session: Session, series: Series) -> _Ready:
-    return _Ready(
+def _read(session: Session, series: Series) -> _SeriesView:
+    return _SeriesView(
         series.id,
         series.study_fk,
         series.study.study_uid,
@@ -275,7 +275,7 @@ def _read(session: Session, series: Series) -> _Ready:
     )
 
 
-def _subject(series: _Ready) -> Subject:
+def _subject(series: _SeriesView) -> Subject:
     """What the routes look at. A series indexed before headers were kept (revision 0002), or whose
     header could not be kept, is read from its first file."""
     if series.header is not None:
@@ -297,7 +297,7 @@ def _first_file(session: Session, series_id: int) -> str | None:
 class _Decision:
     """What the rules made of one ready series: every route that matched it, or why none did."""
 
-    series: _Ready
+    series: _SeriesView
     routes: list[Route]
     note: str
 
@@ -306,7 +306,7 @@ class _Decision:
         return [route.name for route in self.routes if route.group == "study"]
 
 
-def _decide(routes: Sequence[Route], series: _Ready) -> _Decision:
+def _decide(routes: Sequence[Route], series: _SeriesView) -> _Decision:
     chosen: list[Route] = []
     if not series.instances:
         note = "no instances left in this series"
@@ -350,7 +350,7 @@ def route_ready(db: Database, routes: Sequence[Route]) -> int:
 
 def _study_jobs(
     db: Database, routes: Sequence[Route], decisions: Sequence[_Decision]
-) -> list[tuple[Route, list[_Ready]]]:
+) -> list[tuple[Route, list[_SeriesView]]]:
     """Each study-level route that matched a ready series of one study, with every series of the study
     it matches: the ready ones, and those routed before (so that a late instance, or a series sent
     later, runs the study's job again with all of them)."""
@@ -398,7 +398,9 @@ def _job(route: Route, inputs: Sequence[Series]) -> Job:
 
 
 def _record(
-    db: Database, decisions: Sequence[_Decision], study_jobs: Sequence[tuple[Route, Sequence[_Ready]]] = ()
+    db: Database,
+    decisions: Sequence[_Decision],
+    study_jobs: Sequence[tuple[Route, Sequence[_SeriesView]]] = (),
 ) -> int:
     """Write what routing decided for one series, or for a study's ready series together with the
     study's jobs, in one transaction. Nothing is written if an instance arrived meanwhile: the series,

@@ -174,11 +174,15 @@ def test_side_of_a_unilateral_finding_is_never_wrong_and_mostly_named(model: Pac
             image = phantom(finding, index)
             columns = np.nonzero(image.lesion)[1]
             expected = "right" if columns.mean() < image.pixels.shape[1] / 2 else "left"  # a PA film, hung
-            summary = analyse(study(finding, index), model).summary
+            analysis = analyse(study(finding, index), model)
+            summary = analysis.summary
             meaning = CODES[finding].meaning.lower()
             wrong = "left" if expected == "right" else "right"
-            assert f"{meaning}, {wrong} (p=" not in summary
-            named += f"{meaning}, {expected} (p=" in summary
+            assert f"{meaning}, {wrong} lung (p=" not in summary
+            named += f"{meaning}, {expected} lung (p=" in summary
+            (called,) = [f for f in analysis.findings if f.concept == CODES[finding]]
+            side = called.site.laterality if called.site else None
+            assert side is None or side.meaning.lower() == expected or not called.present
     assert named >= 0.6 * 3 * len(UNILATERAL)
 
 

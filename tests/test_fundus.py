@@ -121,11 +121,18 @@ def test_both_eyes_are_reported_per_eye(model: PackagedModel) -> None:
     right, left = phantom(DR, "R", 10), phantom(0, "L", 10)
     analysis = analyse([fundus_dataset(left, "both-L"), fundus_dataset(right, "both-R")], model)
     assert analysis.analysed
-    # Per eye, with the eye as the finding site: right eye first, then left.
-    assert [f.concept for f in analysis.findings] == 2 * list(CONDITIONS.values())
-    sites = {f.site.words if f.site else None for f in analysis.findings}
+    # The visit's result first (either eye: the eye that shows it more), then per eye, with the eye as
+    # the finding site: right eye first, then left.
+    assert [f.concept for f in analysis.findings] == 3 * list(CONDITIONS.values())
+    visit, eyes = analysis.findings[:3], analysis.findings[3:]
+    assert {f.site.words if f.site else None for f in visit} == {"Right and left eye"}
+    assert [f.present for f in visit] == [True, False, False] and all(f.note for f in visit)
+    for combined in visit:
+        same = [f for f in eyes if f.concept == combined.concept]
+        assert combined.probability == max(f.probability for f in same)
+    sites = {f.site.words if f.site else None for f in eyes}
     assert sites == {"Right eye", "Left eye"}
-    present = {(f.site.words, f.concept.value): f.present for f in analysis.findings if f.site}
+    present = {(f.site.words, f.concept.value): f.present for f in eyes if f.site}
     assert present == {
         ("Right eye", "4855003"): True,
         ("Right eye", "267718000"): False,
@@ -140,7 +147,7 @@ def test_both_eyes_are_reported_per_eye(model: PackagedModel) -> None:
         "macular_degeneration": False,
         "branch_vein_occlusion": False,
     }
-    for finding in analysis.findings:
+    for finding in eyes:
         assert finding.image is not None and laterality(finding.image) == finding.site.words[0]
     assert analysis.details["eyes"]["right eye"]["present"] == ["diabetic_retinopathy"]
     assert analysis.details["eyes"]["left eye"]["present"] == []

@@ -20,6 +20,7 @@ from node.outputs import write_outputs
 from node.outputs.common import disclaimer_lines
 from node.outputs.sr import ANALYSED_AREA, HOT_AREA
 from node.runtime.identity import ModelIdentity
+from tests.ohif_loader import load_sr
 from training.chest_phantom import NORMAL, chest_dicom, sample
 from training.ct_phantom import head_ct_series
 from training.fundus_phantom import fundus_dataset, render
@@ -234,6 +235,10 @@ def test_absent_finding_on_radiograph(out: Path) -> None:
     assert f'TEXT:(121106,DCM,"Comment")="{ANALYSED_AREA}"' in dump
     ((kind, points, selected),) = regions(pydicom.dcmread(sr_path))
     assert (kind, selected) == ("POLYLINE", source.SOPInstanceUID)
+    # A negative result loads in OHIF 3.13 and is drawn, on the image analysed.
+    loaded = load_sr(sr_path, [save(source, out / "source.dcm")])
+    assert loaded["ok"], loaded["error"]
+    assert [m["drawnOn"] for m in loaded["measurements"]] == [source.SOPInstanceUID]
     assert points.tolist() == [
         [0, 0],
         [source.Columns, 0],
@@ -276,6 +281,9 @@ def test_not_analysed(out: Path) -> None:
     assert not [i for i in content_items(group) if i.ValueType == "NUM"]  # never a probability
     ((_, _, selected),) = regions(reread)  # shown on the middle image, where a viewer finds it
     assert selected == sources[1].SOPInstanceUID
+    loaded = load_sr(sr_path, [save(ds, out / f"source{i}.dcm") for i, ds in enumerate(sources)])
+    assert loaded["ok"], loaded["error"]  # a "not analysed" report loads in OHIF 3.13, and says why
+    assert [m["drawnOn"] for m in loaded["measurements"]] == [sources[1].SOPInstanceUID]
     texts = [i.TextValue for i in content_items(reread) if i.ValueType == "TEXT"]
     assert f"NOT ANALYSED: {reason}" in texts and DISCLAIMER in texts
     assert evidence(reread) == {(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in [*sources, sc]}

@@ -98,7 +98,7 @@ CASES = {
         {"Lung", "Heart"},
     ),
     "fundus": Case("fundus", _fundus, {"SC": 2, "SR": 1}, {"Eye"}),
-    "skin": Case("skin_lesion", _skin, {"SC": 1, "SR": 1, "SEG": 1}, set()),
+    "skin": Case("skin_lesion", _skin, {"SC": 1, "SR": 1, "SEG": 1}, {"Skin"}),
     "conjunctiva": Case(
         "conjunctiva_anemia",
         lambda: [conjunctiva_dataset(conjunctiva_render(np.random.default_rng(3), "eye"), "viewers-eye")],

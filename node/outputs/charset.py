@@ -7,8 +7,8 @@ they put ISO 2022 escape sequences (once per value or once per name component), 
 back to ASCII at the end, how they pad and whether they keep empty trailing name groups, and a PACS
 that compares bytes would see another patient. highdicom cannot even spell some sets: it refuses the
 empty first value (``\\ISO 2022 IR 149``, as Korean sites send it) and misspells IR 149 as IR 159.
-So the writers build their objects without a Specific Character Set
-(:func:`node.outputs.common.character_set`) and :meth:`SourceIdentity.apply` then gives every result
+So the writers build their objects without a Specific Character Set (``specific_character_set=None``) and
+:meth:`SourceIdentity.apply` then gives every result
 
 - the source's Specific Character Set, exactly as the source has it (absent: the default repertoire);
 - the elements of :data:`IDENTITY` the source has, with the source's bytes, which pydicom writes as

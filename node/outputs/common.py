@@ -1,5 +1,5 @@
 """What the output writers share: who made the result, the sentences every result carries, and the
-character set its text is written in."""
+image a result about a whole series is shown on. (The character set is node.outputs.charset's.)"""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
-from node.outputs.registry import OutputContext
 from node.runtime.identity import DEFAULT_DISCLAIMER, ModelIdentity
 
 
@@ -37,13 +35,6 @@ def disclaimer_lines(model: ModelIdentity) -> list[str]:
 
 def not_analysed_text(reason: str) -> str:
     return f"NOT ANALYSED: {reason}"
-
-
-def character_set(context: OutputContext) -> str | MultiValue | None:
-    """What a writer gives highdicom as Specific Character Set: none. The result's is the source's,
-    set with the source's identity bytes once the writer returns (:mod:`node.outputs.charset`), and
-    highdicom would refuse many of them (an empty first value, ISO 2022 IR 149)."""
-    return None
 
 
 def middle_image(sources: Sequence[Dataset]) -> Dataset:

@@ -13,7 +13,6 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -22,7 +21,6 @@ from node.dicom.attributes import laterality, patient_orientation
 from node.dicom.display import display_rgb8
 from node.outputs.charset import transliterate
 from node.outputs.common import (
-    character_set,
     contributing_equipment,
     disclaimer_lines,
     middle_image,
@@ -56,7 +54,6 @@ def secondary_captures(context: OutputContext) -> list[Dataset]:
         pages = [
             (source, display_rgb8(source), [reason], "Middle source image, not analysed; caption burned in")
         ]
-    charset = character_set(context)
     series: dict[str | None, tuple[str, list[Dataset]]] = {}
     for source, image, verdict, derivation in pages:
         series_uid, written = series.setdefault(laterality(source), (generate_uid(), []))
@@ -68,7 +65,6 @@ def secondary_captures(context: OutputContext) -> list[Dataset]:
                 context=context,
                 series_uid=series_uid,
                 instance_number=len(written) + 1,
-                charset=charset,
             )
         )
     return [sc for _, written in series.values() for sc in written]
@@ -186,7 +182,6 @@ def _secondary_capture(
     context: OutputContext,
     series_uid: str,
     instance_number: int,
-    charset: str | MultiValue | None,
 ) -> Dataset:
     model = context.model
     orientation = patient_orientation(source)
@@ -209,7 +204,7 @@ def _secondary_capture(
         series_description=context.series_description,
         manufacturer_model_name=model.name,
         software_versions=model.software_version,
-        specific_character_set=charset,
+        specific_character_set=None,  # not the source's: node.outputs.charset sets that, as it is
     )
     if orientation is None:
         sc.PatientOrientation = []  # Type 2: unknown

@@ -19,11 +19,12 @@ specified within that coordinate system, using the Pixel Measures and either the
 (Patient) and Plane Orientation (Patient) ... Functional Groups" (A.51.5.1). The Frame of Reference
 module is "Required if Derivation Image Functional Group is not present. May be present otherwise"
 (Table A.51-1), and a SEG has its source's Frame of Reference where the source has one (A.51). So
-the SEG of an image without plane geometry keeps its source's Frame of Reference or gets one of its
-own, shared with nothing, and in it Pixel Measures, Plane Position (Patient) and Plane Orientation
-(Patient) with nominal values: identity orientation and origin 0 (what OHIF assumes for an image
-without any), the source's pixel spacing or 1 mm. They place nothing in the patient, and the SEG
-says so in Derivation Description; every frame still references its source pixel for pixel.
+the SEG of an image without plane geometry keeps its source's Frame of Reference, or gets one of its
+own (shared with nothing) where the source has none, and in it Pixel Measures, Plane Position
+(Patient) and Plane Orientation (Patient) with nominal values: identity orientation and origin 0
+(what OHIF assumes for an image without any), the source's pixel spacing or 1 mm. They place nothing
+in the patient, and the SEG says so in Derivation Description; every frame still references its
+source pixel for pixel.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from handlers.base import Mask
-from node.outputs.common import character_set, contributing_equipment, disclaimer_lines
+from node.outputs.common import contributing_equipment, disclaimer_lines
 from node.outputs.registry import OutputContext, register_output
 from node.runtime.identity import DEFAULT_DISCLAIMER, ModelIdentity
 
@@ -89,7 +90,7 @@ def _segmentation(masks: Sequence[Mask], context: OutputContext, series_uid: str
         omit_empty_frames=False,  # an empty mask is an answer too: the model found nothing to outline
         series_description=context.series_description,
         contributing_equipment=[contributing_equipment(model) for model in models],
-        specific_character_set=character_set(context),
+        specific_character_set=None,  # not the source's: node.outputs.charset sets that, as it is
     )
     seg.DeviceUID = maker.device_uid  # General Equipment: the AI device made this instance
     seg.ImageComments = ". ".join(disclaimer_lines(maker))

@@ -28,7 +28,6 @@ from pydicom.uid import generate_uid
 
 from handlers.base import Analysis, Finding, Mask, outline
 from node.outputs.common import (
-    character_set,
     contributing_equipment,
     disclaimer_lines,
     middle_image,
@@ -97,7 +96,7 @@ def structured_report(context: OutputContext) -> list[Dataset]:
         manufacturer_model_name=model.name,
         software_versions=model.software_version,
         contributing_equipment=[contributing_equipment(model)],
-        specific_character_set=character_set(context),
+        specific_character_set=None,  # not the source's: node.outputs.charset sets that, as it is
     )
     sr.DeviceUID = model.device_uid  # General Equipment: the AI device made this instance
     return [sr]
@@ -124,7 +123,9 @@ def _finding_group(
             hd.sr.QualitativeEvaluation(name=concept, value=_PRESENT if finding.present else _ABSENT)
         ],
     )
-    _add_comment(group, note)
+    for text in (note, finding.note):
+        if text:
+            _add_comment(group, text)
     return group
 
 
@@ -146,7 +147,7 @@ def _finding_region(finding: Finding, analysis: Analysis) -> tuple[hd.sr.ImageRe
         if finding.present and place is not None:
             if len(place.outline) >= 3:
                 return _polyline(explanation.source, place.outline), HOT_AREA
-            return _region(explanation.source, "POINT", [[place.column, place.row]]), PEAK
+            return _region(explanation.source, "POINT", [[place.column + 0.5, place.row + 0.5]]), PEAK
         top, left, height, width = explanation.source_region
         return _rectangle(explanation.source, top, left, height, width), ANALYSED_AREA
     image = finding.image if finding.image is not None else middle_image(analysis.sources)
@@ -177,7 +178,8 @@ def _mask_group(mask: Mask) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluati
     )
     _add_comment(
         group,
-        f"Region: the segmentation's outline of the {mask.label.lower()}"
+        f"Region: the segmentation's outline of the {mask.label.lower()} (its largest part, through the "
+        "centres of its edge pixels); the area counts every segmented pixel"
         if len(border) >= 3
         else f"No {mask.label.lower()} segmented; region: the whole image",
     )
@@ -218,8 +220,8 @@ def _region(source: Dataset, graphic_type: str, points: Sequence[Sequence[float]
 
 
 def _polyline(source: Dataset, vertices: np.ndarray) -> hd.sr.ImageRegion:
-    """A closed polygon through pixel positions (column, row), their centres at +0.5 in DICOM's image
-    coordinates."""
+    """A closed polygon through pixel positions (column, row) — pixel indices, whose centres lie at
+    +0.5 in DICOM's image coordinates."""
     points = np.asarray(vertices, np.float64) + 0.5
     return _region(source, "POLYLINE", [*points.tolist(), points[0].tolist()])
 
