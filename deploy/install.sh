@@ -12,6 +12,10 @@ extras=""
 packages="orthanc dcmtk dicom3tools"
 # --test: Node.js for tests/ohif, which opens SR and SEG objects with the npm libraries OHIF 3.13 uses
 [ "${1:-}" = "--test" ] && ! command -v node >/dev/null && packages="$packages nodejs npm"
+# --test: Chromium for tests/test_browser.py, driven by Playwright through its executable_path (no browser
+# download), and a CJK font so that its screenshots show Korean and Japanese patient names, not boxes
+[ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null && packages="$packages chromium"
+[ "${1:-}" = "--test" ] && packages="$packages fonts-wqy-zenhei"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

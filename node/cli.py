@@ -4,7 +4,10 @@ analyse files offline."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,17 +30,24 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from node.service import Node
-    from node.web.api import create_app
+    from node.web.app import create_app
 
     settings = _settings(args)
     node = Node(settings)
     node.start()
+    # uvicorn stops on SIGTERM, then raises it again: without a handler that would end the process
+    # before the node stops (its jobs, its sends, its node.stopped audit event).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        app = create_app(node.db, node.spool, dicom_listening=lambda: node.running)
+        app = create_app(node.db, node.spool, settings, dicom_listening=lambda: node.running)
         uvicorn.run(app, host=settings.node.http_host, port=settings.node.http_port, log_level="warning")
     finally:
         node.stop()
@@ -273,16 +283,136 @@ def cmd_models_train_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from node.audit import verify
+    from node.audit import check, key_path, read_key
     from node.db import open_database
 
     settings = _settings(args)
-    broken = verify(open_database(settings.node.resolved_database_url))
-    if broken is None:
-        print("audit chain intact")
-        return 0
-    print(f"audit chain broken at event {broken}")
-    return 1
+    path = key_path(settings)
+    key = read_key(path) if path.exists() else None
+    db = open_database(settings.node.resolved_database_url)
+    try:
+        state = check(db, key)
+    finally:
+        db.dispose()
+    if state.broken is not None:
+        print(f"audit chain broken at event {state.broken.event_id}: {state.broken.problem}")
+        if state.intact_to is not None:
+            print(f"intact from the start up to event {state.intact_to} ({state.events} events)")
+        return 1
+    if state.keyed_from is not None:
+        print(f"audit chain intact: {state.events} events, keyed (HMAC-SHA256) from event {state.keyed_from}")
+    else:
+        print(
+            f"audit chain intact: {state.events} events, none keyed (no key at {path}): whoever can "
+            "write the database could have rewritten it"
+        )
+    return 0
+
+
+def _cli_actor() -> str:
+    """Who ran an account command, as the audit log records it: the operating-system user."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except OSError:  # no user name in the environment or the password database
+        return f"cli:uid {os.getuid()}"
+
+
+def _new_password(args: argparse.Namespace) -> str:
+    """From standard input's first line (scripts), or asked twice without echo."""
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != password:
+        raise ValueError("the two passwords differ")
+    return password
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    """``users`` and ``tokens``: the change is made and audited in node.accounts."""
+    from node import accounts, audit
+    from node.db import open_database
+
+    settings = _settings(args)
+    db = open_database(settings.node.resolved_database_url)
+    audit.configure(db, settings)  # the changes' events join the node's keyed chain
+    actor = _cli_actor()
+    try:
+        match args.command, args.account_command:
+            case "users", "add":
+                accounts.add_user(db, args.name, args.role, _new_password(args), actor=actor)
+                print(f"user {args.name} added as {args.role}")
+            case "users", "passwd":
+                accounts.set_password(db, args.name, _new_password(args), actor=actor)
+                print(f"password of {args.name} set; their sessions are closed")
+            case "users", "disable" | "enable":
+                accounts.set_disabled(db, args.name, args.account_command == "disable", actor=actor)
+                print(f"user {args.name} {args.account_command}d")
+            case "users", "list":
+                for user in accounts.users(db):
+                    failed = f"{user.failed_logins} failed logins" if user.failed_logins else "active"
+                    state = "disabled" if user.disabled else failed
+                    last = f"{user.last_login_at:%Y-%m-%d %H:%M}" if user.last_login_at else "never"
+                    print(f"{user.name:24s} {user.role:9s} {state:18s} last login {last}")
+            case "tokens", "create":
+                token = accounts.create_token(db, args.name, args.role, actor=actor)
+                print(token)
+                print(
+                    f"token {args.name} ({args.role}): shown this once; the node keeps only its hash",
+                    file=sys.stderr,
+                )
+            case "tokens", "revoke":
+                accounts.revoke_token(db, args.name, actor=actor)
+                print(f"token {args.name} revoked")
+            case "tokens", "list":
+                for listed in accounts.tokens(db):
+                    state = f"revoked {listed.revoked_at:%Y-%m-%d %H:%M}" if listed.revoked_at else "active"
+                    print(f"{listed.name:24s} {listed.role:9s} {state:24s} by {listed.created_by}")
+    finally:
+        audit.close(db)
+        db.dispose()
+    return 0
+
+
+def _account_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from node.accounts import ROLES
+
+    for group, help_text, commands in (
+        (
+            "users",
+            "dashboard accounts",
+            (
+                ("add", "add a user (asks for the password)", ("name", "role", "password")),
+                ("list", "the users, their roles and states", ()),
+                ("disable", "stop a user logging in; ends their sessions", ("name",)),
+                ("enable", "let a disabled user log in again", ("name",)),
+                ("passwd", "set a user's password (asks for it); lifts a lockout", ("name", "password")),
+            ),
+        ),
+        (
+            "tokens",
+            "API tokens",
+            (
+                ("create", "create an API token scoped to a role; prints it once", ("name", "role")),
+                ("list", "the tokens and whether they are revoked", ()),
+                ("revoke", "revoke a token", ("name",)),
+            ),
+        ),
+    ):
+        actions = sub.add_parser(group, help=help_text).add_subparsers(dest="account_command", required=True)
+        for name, action_help, arguments in commands:
+            p = actions.add_parser(name, help=action_help, description=action_help)
+            p.add_argument(
+                "--config", type=Path, default=None, help="TOML settings (default: built-in defaults)"
+            )
+            p.set_defaults(func=cmd_accounts)
+            if "name" in arguments:
+                p.add_argument("name")
+            if "role" in arguments:
+                p.add_argument("--role", required=True, choices=ROLES)
+            if "password" in arguments:
+                p.add_argument(
+                    "--password-stdin", action="store_true", help="read the password from standard input"
+                )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -329,7 +459,16 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--slices", type=int, default=30)
     demo.add_argument("--normal", action="store_true", help="no bleed")
     demo.add_argument("--seed", type=int, default=7)
-    command("audit-verify", cmd_audit_verify, "check the audit log's hash chain")
+    _account_commands(sub)
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit.add_parser(
+        "verify", help="check the audit log's keyed hash chain; name the first broken link"
+    )
+    audit_verify.add_argument(
+        "--config", type=Path, default=None, help="TOML settings (default: built-in defaults)"
+    )
+    audit_verify.set_defaults(func=cmd_audit_verify)
+    command("audit-verify", cmd_audit_verify, "the old name of `audit verify`")
     models = sub.add_parser("models", help="model packages").add_subparsers(
         dest="models_command", required=True
     )

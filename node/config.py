@@ -85,6 +85,31 @@ class SendSettings(_Section):
     backoff_factor: float = Field(2.0, ge=1)
 
 
+class WebSettings(_Section):
+    """The dashboard's sessions and its answer to password guessing."""
+
+    session_hours: float = Field(8.0, gt=0)  # a login lasts this long, then the user logs in again
+    # Cookies only over HTTPS (a TLS proxy in front); false only for plain-HTTP tests and development.
+    secure_cookies: bool = True
+    lockout_after: int = Field(5, ge=1)  # failed logins in a row before the account is locked
+    lockout_seconds: float = Field(60.0, ge=0)  # the first lock; each further failure doubles it ...
+    lockout_max_seconds: float = Field(3600.0, ge=0)  # ... up to this
+
+
+class AuditSettings(_Section):
+    """The audit chain's key, and where audit messages are copied to (DICOM/IHE ATNA over syslog)."""
+
+    key_file: Path | None = None  # None: data_dir/audit.key; keep it outside the database's backups
+    syslog_host: str = ""  # empty: no forwarding
+    syslog_port: int = Field(514, ge=1, le=65535)
+    syslog_transport: Literal["udp", "tls"] = "udp"  # RFC 5426 datagrams, or RFC 5425 over TLS
+    tls_ca_file: Path | None = None  # CA certificates the repository's is checked against; None: the system's
+    tls_cert_file: Path | None = None  # the node's own certificate (PEM), for mutual authentication ...
+    tls_key_file: Path | None = None  # ... and its private key, unless the certificate file holds it
+    audit_source_id: str = ""  # AuditSourceID of the messages; empty: the node's AE title
+    enterprise_site_id: str = ""  # AuditEnterpriseSiteID (the hospital); empty: not sent
+
+
 class Destination(_Section):
     name: str
     ae_title: AETitle
@@ -128,6 +153,8 @@ class Settings(_Section):
     study: StudySettings = StudySettings()
     jobs: JobSettings = JobSettings()
     send: SendSettings = SendSettings()
+    web: WebSettings = WebSettings()
+    audit: AuditSettings = AuditSettings()
     destinations: list[Destination] = []
     routes: list[Route] = []
 
@@ -215,4 +242,9 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             node.data_dir = base / node.data_dir
         if not node.models_dir.is_absolute():
             node.models_dir = base / node.models_dir
+        audit = settings.audit
+        for name in ("key_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+            file = getattr(audit, name)
+            if file is not None and not file.is_absolute():
+                setattr(audit, name, base / file)
     return settings

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from node import audit
 from node.config import Destination, SendSettings, Settings
-from node.db import Database, Result, Send, SendStatus, utcnow
+from node.db import Database, Job, Result, Send, SendStatus, Series, Study, utcnow
 from node.dicom.network import SOCKET_HANDLERS, sending_ae
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,39 @@ def echo(settings: Settings, destination: Destination) -> int:
         return int(status.Status) if "Status" in status else -1
     finally:
         assoc.release()
+
+
+def resend_study(db: Database, study_uid: str, actor: str) -> int:
+    """Send a study's results again (a person asked for it: the PACS lost them, a destination was
+    fixed): every send that is not pending is due now, its attempts counted afresh. What the earlier
+    attempts did stays in the audit log. Returns how many sends are pending again."""
+    with db.session() as session:
+        sends = session.scalars(
+            select(Send)
+            .join(Result)
+            .join(Job)
+            .join(Series, Job.series_fk == Series.id)
+            .join(Study)
+            .where(Study.study_uid == study_uid, Send.status != SendStatus.PENDING)
+            .order_by(Send.id)
+        ).all()
+        for send in sends:
+            send.status, send.attempts, send.next_attempt_at, send.sent_at = (
+                SendStatus.PENDING,
+                0,
+                utcnow(),
+                None,
+            )
+        if sends:
+            audit.record(
+                session,
+                "result.resend",
+                actor=actor,
+                study_uid=study_uid,
+                sends=len(sends),
+                destinations=sorted({send.destination for send in sends}),
+            )
+        return len(sends)
 
 
 class Sender:

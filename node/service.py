@@ -34,6 +34,7 @@ class Node:
         self.settings = settings
         self.spool = Spool(settings.node.data_dir)
         self.db: Database = open_database(settings.node.resolved_database_url)
+        audit.configure(self.db, settings)  # the chain's key, and the copy sent to syslog
         self.store = JobStore(self.db, settings.jobs)
         self.executor = create_executor(ExecutorContext(settings, self.store, self.spool, self._job_ended))
         self.sender = Sender(settings, self.db)
@@ -101,4 +102,5 @@ class Node:
         self.scheduler.shutdown(wait=True)
         self.executor.shutdown()
         audit.append(self.db, "node.stopped")
+        audit.close(self.db)
         self.db.dispose()

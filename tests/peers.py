@@ -174,8 +174,25 @@ class NodeProcess:
         self.url = f"http://127.0.0.1:{node['http_port']}"
         self.process: subprocess.Popen[bytes] | None = None
         self.log = folder / "node.log"
+        self.token = ""  # an admin API token for api() and study(), made before the first start
+
+    def _api_token(self) -> str:
+        """An admin API token in the node's database: the API answers nobody without one."""
+        from node import audit
+        from node.accounts import create_token
+        from node.config import load_settings
+        from node.db import open_database
+
+        settings = load_settings(self.config)
+        db = open_database(settings.node.resolved_database_url)
+        audit.configure(db, settings)  # the token's audit event joins the node's keyed chain
+        try:
+            return create_token(db, "test-harness", "admin", actor="test")
+        finally:
+            db.dispose()
 
     def start(self) -> NodeProcess:
+        self.token = self.token or self._api_token()
         log = open(self.log, "ab")  # noqa: SIM115 - kept open for the process
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
@@ -208,11 +225,15 @@ class NodeProcess:
                 self.process.wait()
             self.process = None
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
     def api(self, path: str) -> Any:
-        response = httpx.get(f"{self.url}{path}", timeout=10)
+        response = httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
         response.raise_for_status()
         return response.json()
 
     def study(self, study_uid: str) -> dict[str, Any] | None:
-        response = httpx.get(f"{self.url}/api/studies/{study_uid}", timeout=10)
+        response = httpx.get(f"{self.url}/api/studies/{study_uid}", headers=self.headers, timeout=10)
         return response.json() if response.status_code == 200 else None

@@ -121,7 +121,7 @@ def test_orthanc_autoroutes_a_head_ct_and_gets_results_back(
     assert all(send["status"] == "sent" for r in job["results"] for send in r["sends"])
     assert detail["timings"]["last_instance_to_sent"] > 0
     db = Database(f"sqlite:///{node.folder / 'var' / 'ainode.db'}")
-    assert audit.verify(db) is None
+    assert audit.verify(db, audit.read_key(node.folder / "var" / "audit.key")) is None
     db.dispose()
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     log = node.log.read_text()

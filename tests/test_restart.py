@@ -113,5 +113,5 @@ def test_kill_mid_transfer_mid_job_and_pacs_down(tmp_path: Path) -> None:
         node.stop()
         orthanc.stop()
     db = Database(f"sqlite:///{node.folder / 'var' / 'ainode.db'}")
-    assert audit.verify(db) is None
+    assert audit.verify(db, audit.read_key(node.folder / "var" / "audit.key")) is None
     db.dispose()

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from node import audit
 from node.config import JobSettings, OutputSpec
-from node.db import Database, Instance, Job, JobStatus, Result, Send, job_series, utcnow
+from node.db import Database, Instance, Job, JobStatus, Result, Send, Series, Study, job_series, utcnow
 from node.jobs.run import JobOutput, JobSpec
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,38 @@ class JobStore:
             for job in jobs:
                 _requeue(session, job, "node restarted while the job was running")
             return len(jobs)
+
+
+def rerun_study(db: Database, study_uid: str, actor: str) -> list[int]:
+    """Queue every finished job of a study again (a person asked for it: say, after a model update or
+    a fixed destination), each for one attempt more. Its outcome and results are forgotten — the
+    attempt replaces the result files, and the audit log keeps what the earlier run said and sent;
+    jobs still queued or running are left alone. Returns the jobs queued."""
+    with db.session() as session:
+        jobs = session.scalars(
+            select(Job)
+            .join(Series, Job.series_fk == Series.id)
+            .join(Study)
+            .where(Study.study_uid == study_uid, Job.status.in_((JobStatus.DONE, JobStatus.FAILED)))
+            .order_by(Job.id)
+        ).all()
+        for job in jobs:
+            session.execute(
+                delete(Send).where(Send.result_fk.in_(select(Result.id).where(Result.job_fk == job.id)))
+            )
+            session.execute(delete(Result).where(Result.job_fk == job.id))
+            audit.record(
+                session,
+                "job.rerun",
+                actor=actor,
+                study_uid=study_uid,
+                job=job.id,
+                previous_status=job.status.value,
+                attempts=job.attempts,
+            )
+            job.status, job.error, job.summary, job.outcome, job.timings = JobStatus.QUEUED, "", "", {}, {}
+            job.started_at = job.finished_at = None
+        return [job.id for job in jobs]
 
 
 def _running(session: Session, job_id: int) -> Job | None:

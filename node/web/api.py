@@ -1,6 +1,7 @@
-"""HTTP API: health, studies with their status and stage timings, Prometheus metrics.
+"""JSON API: health, studies with their status and stage timings, Prometheus metrics.
 
-The API only reads the database. Reading a study's patient identity is PHI access and is audited.
+The API only reads the database. All but /healthz need a session or an API token (node.web.auth);
+reading a study's patient identity is PHI access and is audited with who read it.
 """
 
 from __future__ import annotations
@@ -8,9 +9,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -20,6 +21,8 @@ from sqlalchemy.orm import selectinload
 from node import audit
 from node.db import Database, Instance, Job, JobStatus, Result, Send, SendStatus, Series, SeriesStatus, Study
 from node.spool import Spool
+from node.web.auth import Principal, require
+from node.web.render import error_line
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -117,7 +120,7 @@ def _study_detail(study: Study) -> dict[str, Any]:
                     "model_sha256": j.model_sha256,
                     "status": j.status.value,
                     "attempts": j.attempts,
-                    "error": j.error,
+                    "error": error_line(j.error),
                     "summary": j.summary,
                     "outcome": j.outcome,
                     "timings": j.timings,
@@ -132,7 +135,7 @@ def _study_detail(study: Study) -> dict[str, Any]:
                                     "destination": d.destination,
                                     "status": d.status.value,
                                     "attempts": d.attempts,
-                                    "last_error": d.last_error,
+                                    "last_error": error_line(d.last_error),
                                     "sent_at": d.sent_at,
                                 }
                                 for d in r.sends
@@ -186,54 +189,59 @@ class _DatabaseCollector(Collector):
             yield family
 
 
-def create_app(db: Database, spool: Spool, dicom_listening: Any = lambda: True) -> FastAPI:
-    """The HTTP app. ``dicom_listening`` tells /healthz whether the DICOM listener is up."""
-    app = FastAPI(title="AI node", version="0.1.0")
-    registry = CollectorRegistry()
-    registry.register(_DatabaseCollector(db))
+router = APIRouter()
+Viewer = Annotated[Principal, Depends(require("viewer"))]
 
-    @app.get("/healthz")
-    def healthz(response: Response) -> dict[str, Any]:
-        checks: dict[str, Any] = {
-            "dicom": bool(dicom_listening()),
-            "disk_free_mb": spool.free_bytes() // 2**20,
-        }
-        try:
-            with db.session() as session:
-                session.execute(text("SELECT 1"))
-            checks["database"] = True
-        except Exception as exc:
-            checks["database"] = False
-            checks["database_error"] = type(exc).__name__
-        healthy = checks["dicom"] and checks["database"]
-        response.status_code = 200 if healthy else 503
-        return {"status": "ok" if healthy else "unhealthy", **checks}
 
-    @app.get("/api/studies")
-    def studies(limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+@router.get("/healthz")
+def healthz(request: Request, response: Response) -> dict[str, Any]:
+    """Open to anyone (load balancers, monitoring): states only, nothing about patients."""
+    db: Database = request.app.state.db
+    spool: Spool = request.app.state.spool
+    checks: dict[str, Any] = {
+        "dicom": bool(request.app.state.dicom_listening()),
+        "disk_free_mb": spool.free_bytes() // 2**20,
+    }
+    try:
         with db.session() as session:
-            rows = session.scalars(
-                select(Study)
-                .options(*_STUDY_TREE)
-                .order_by(Study.last_received_at.desc())
-                .limit(min(max(limit, 1), 1000))
-                .offset(max(offset, 0))
-            ).all()
-            return [_study_row(study) for study in rows]
+            session.execute(text("SELECT 1"))
+        checks["database"] = True
+    except Exception as exc:
+        checks["database"] = False
+        checks["database_error"] = type(exc).__name__
+    healthy = checks["dicom"] and checks["database"]
+    response.status_code = 200 if healthy else 503
+    return {"status": "ok" if healthy else "unhealthy", **checks}
 
-    @app.get("/api/studies/{study_uid}")
-    def study(study_uid: str, request: Request) -> dict[str, Any]:
-        with db.session() as session:
-            found = session.scalar(select(Study).options(*_STUDY_TREE).where(Study.study_uid == study_uid))
-            if found is None:
-                raise HTTPException(status_code=404, detail="no such study")
-            detail = _study_detail(found)
-        client = request.client.host if request.client else "unknown"
-        audit.append(db, "phi.viewed", actor=f"http:{client}", study_uid=study_uid, what="study detail")
-        return detail
 
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+@router.get("/api/studies")
+def studies(request: Request, principal: Viewer, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    db: Database = request.app.state.db
+    with db.session() as session:
+        rows = session.scalars(
+            select(Study)
+            .options(*_STUDY_TREE)
+            .order_by(Study.last_received_at.desc())
+            .limit(min(max(limit, 1), 1000))
+            .offset(max(offset, 0))
+        ).all()
+        return [_study_row(study) for study in rows]
 
-    return app
+
+@router.get("/api/studies/{study_uid}")
+def study(study_uid: str, request: Request, principal: Viewer) -> dict[str, Any]:
+    db: Database = request.app.state.db
+    with db.session() as session:
+        found = session.scalar(select(Study).options(*_STUDY_TREE).where(Study.study_uid == study_uid))
+        if found is None:
+            raise HTTPException(status_code=404, detail="no such study")
+        detail = _study_detail(found)
+    audit.append(db, "phi.viewed", actor=principal.actor, study_uid=study_uid, what="study detail")
+    return detail
+
+
+@router.get("/metrics")
+def metrics(request: Request, principal: Viewer) -> Response:
+    registry = CollectorRegistry()  # per scrape: the collector reads the database then
+    registry.register(_DatabaseCollector(request.app.state.db))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,1 @@
+"""Server-rendered dashboard pages, one module per page."""
