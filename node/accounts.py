@@ -157,10 +157,13 @@ def lock_seconds(failures: int, web: WebSettings) -> float:
     return float(min(web.lockout_seconds * 2 ** (failures - web.lockout_after), web.lockout_max_seconds))
 
 
-def log_in(db: Database, name: str, password: str, web: WebSettings, client: str) -> Login | None:
+def log_in(
+    db: Database, name: str, password: str, web: WebSettings, client: str, replaces: str | None = None
+) -> Login | None:
     """A new session for ``name``, or None (wrong name or password, locked or disabled; the audit log
-    says which)."""
-    actor = f"user:{name[:64]}"
+    says which). The browser's earlier session (``replaces``, its cookie) ends with the new one's
+    start, so a session never outlives the login that superseded it."""
+    actor = "user:" + "".join(c for c in name[:64] if c.isprintable())  # as typed, but never a control
     with db.session() as session:
         user = session.scalar(select(User).where(User.name == name))
         found = (user.id, user.password_hash, user.disabled, user.locked_until) if user else None
@@ -172,7 +175,11 @@ def log_in(db: Database, name: str, password: str, web: WebSettings, client: str
                 session, "user.login", actor=actor, outcome="failure", client=client, reason="unknown"
             )
             return None
-        user_id, _, disabled, locked_until = found
+        user_id = found[0]
+        # Read again, locked, after the slow hash: logins racing the one that locks the account see it.
+        disabled, locked_until = session.execute(
+            select(User.disabled, User.locked_until).where(User.id == user_id).with_for_update()
+        ).one()
         if disabled or (locked_until is not None and locked_until > now):
             reason = "disabled" if disabled else "locked"
             audit.record(session, "user.login", actor=actor, outcome="failure", client=client, reason=reason)
@@ -207,6 +214,8 @@ def log_in(db: Database, name: str, password: str, web: WebSettings, client: str
         if _hasher.check_needs_rehash(user.password_hash):
             user.password_hash = _hasher.hash(password)
         session.execute(delete(WebSession).where(WebSession.expires_at <= now))
+        if replaces:
+            session.execute(delete(WebSession).where(WebSession.token_hash == digest(replaces)))
         token = secrets.token_urlsafe(32)
         expires_at = now + timedelta(hours=web.session_hours)
         session.add(WebSession(token_hash=digest(token), user_fk=user_id, expires_at=expires_at))

@@ -105,7 +105,7 @@ def read_key(path: Path) -> bytes:
     if len(key) != 32:
         raise AuditKeyError(f"audit key file {path}: not 64 hex digits")
     if path.stat().st_mode & 0o077:
-        log.warning("audit key file %s is readable by other users than its owner", path)
+        raise AuditKeyError(f"audit key file {path}: others than its owner may read it; chmod 600 it")
     return key
 
 
@@ -151,6 +151,12 @@ def configure(db: Database, settings: Settings) -> bytes:
         marker = _marker(session)
     if path.exists():
         key = read_key(path)
+        if marker is None:
+            raise AuditKeyError(
+                f"audit key file {path} exists, but no audit event is keyed: the keyed events were "
+                "deleted (run `ainode audit verify`). To start a new chain on purpose, move the key "
+                "file away first."
+            )
     elif marker is not None:
         raise AuditKeyError(
             f"audit key file {path} is missing, but the audit chain is keyed since event {marker.id}: "
@@ -344,10 +350,10 @@ def check(db: Database, key: bytes | None = None) -> ChainState:
             if problem is not None:
                 return ChainState(count, prev_id, keyed_from, Break(stored.id, problem))
             prev, prev_id, count = stored.hash, stored.id, count + 1
-    if key is not None and keyed_from is None and prev_id is not None:
+    if key is not None and keyed_from is None:
         # A key exists, so the node keyed the chain; an unkeyed chain was rewritten from its start.
         broken = Break(
-            prev_id,
+            prev_id or 0,  # 0: the log is empty
             "no event is keyed though an audit key exists: the keyed events were removed (or nothing "
             "was recorded since the key was made)",
         )

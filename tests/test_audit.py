@@ -229,6 +229,9 @@ def test_keyed_events_need_the_key_and_the_right_one(db: Database, tmp_path: Pat
     other_key = tmp_path / "other" / "audit.key"
     other_key.parent.mkdir()
     other_key.write_text("ab" * 32)
+    with pytest.raises(audit.AuditKeyError, match="others than its owner may read it"):
+        audit.configure(db, _settings(tmp_path, key_file=str(other_key)))
+    other_key.chmod(0o600)
     with pytest.raises(audit.AuditKeyError, match="not the key the chain was keyed with"):
         audit.configure(db, _settings(tmp_path, key_file=str(other_key)))
     broken = audit.verify(db, bytes.fromhex("ab" * 32))

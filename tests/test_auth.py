@@ -334,3 +334,34 @@ def test_users_and_tokens_commands(
         ]
     finally:
         db.dispose()
+
+
+def test_a_new_login_ends_the_browsers_earlier_session(db: Database, spool: Spool) -> None:
+    web = client(db, spool)
+    make_user(db, "ana", "viewer")
+    login(web, "ana")
+    first = web.cookies[SESSION_COOKIE]
+    login(web, "ana")
+    assert web.cookies[SESSION_COOKIE] != first
+    replay = client(db, spool)
+    replay.cookies.set(SESSION_COOKIE, first)
+    assert replay.get("/api/studies").status_code == 401
+    with db.session() as session:
+        assert len(session.scalars(select(WebSession)).all()) == 1
+
+
+def test_only_admins_see_the_configuration_and_never_the_database_password(
+    db: Database, spool: Spool
+) -> None:
+    settings = Settings.model_validate(
+        {"node": {"database_url": "postgresql+psycopg://ainode:s3cret@db/ainode"}}
+    )
+    operator = logged_in(db, spool, "operator", settings)
+    assert operator.get("/admin/configuration").status_code == 403
+    admin = logged_in(db, spool, "admin", settings)
+    shown = admin.get("/admin/configuration")
+    assert shown.status_code == 200
+    assert "ainode:***@db/ainode" in shown.text and "s3cret" not in shown.text
+    assert "[node]" in shown.text and 'href="/admin/configuration"' in shown.text
+    [viewed] = _events(db, "configuration.viewed")
+    assert viewed.actor == "user:admin"

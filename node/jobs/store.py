@@ -147,6 +147,8 @@ class JobStore:
             job.error = str(failure)[:4000]
             job.finished_at = None if retry else utcnow()
             study_uid = job.series.study.study_uid
+            # The audit log, which users read, gets the first line; the trace stays in job.error.
+            said = str(failure).strip().split("\n", 1)[0][:500]
             if failure.kind == "model_refused":
                 audit.record(
                     session,
@@ -154,7 +156,7 @@ class JobStore:
                     outcome="failure",
                     study_uid=study_uid,
                     model=job.model,
-                    reason=str(failure),
+                    reason=said,
                 )
             audit.record(
                 session,
@@ -163,7 +165,7 @@ class JobStore:
                 study_uid=study_uid,
                 job=job.id,
                 kind=failure.kind,
-                error=str(failure)[:500],
+                error=said,
                 attempt=job.attempts,
             )
         log.warning("job %d failed (%s)%s", job_id, failure.kind, "; will retry" if retry else "")

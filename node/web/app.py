@@ -20,7 +20,7 @@ from node.config import Settings
 from node.db import Database
 from node.spool import Spool
 from node.web import api, auth
-from node.web.pages import audit, destinations, models, overview, routes, studies
+from node.web.pages import audit, configuration, destinations, models, overview, routes, studies
 from node.web.render import page
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -40,7 +40,7 @@ def create_app(
     app.state.db, app.state.spool, app.state.settings = db, spool, settings
     app.state.dicom_listening = dicom_listening
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    for module in (api, auth, overview, studies, models, routes, destinations, audit):
+    for module in (api, auth, overview, studies, models, routes, destinations, audit, configuration):
         app.include_router(module.router)
 
     @app.exception_handler(auth.LoginRequired)

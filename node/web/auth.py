@@ -156,7 +156,14 @@ def login(
     if not expected or not hmac.compare_digest(login_token.encode(), expected.encode()):
         return _login_page(request, next, "The login form expired: please try again.", 403)
     web = _settings(request).web
-    opened = accounts.log_in(request.app.state.db, name, password, web, client_address(request))
+    opened = accounts.log_in(
+        request.app.state.db,
+        name,
+        password,
+        web,
+        client_address(request),
+        replaces=request.cookies.get(SESSION_COOKIE),
+    )
     if opened is None:
         error = (
             f"Wrong name or password. After {web.lockout_after} failures in a row an account is "

@@ -31,7 +31,11 @@ NAV = (
     ("/destinations", "Destinations"),
     ("/audit", "Audit"),
 )
-ADMIN_NAV = (("/admin/users", "Users"), ("/admin/tokens", "Tokens"))
+ADMIN_NAV = (
+    ("/admin/users", "Users"),
+    ("/admin/tokens", "Tokens"),
+    ("/admin/configuration", "Configuration"),
+)
 
 
 def _nav(path: str, principal: Principal | None) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ jobs table, per model name and the version that ran, so an admin sees which vers
 from __future__ import annotations
 
 import functools
+import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,15 @@ class _Links(Treeprocessor):
         for element in root.iter():
             for attribute in ("href", "src"):
                 address = element.get(attribute)
-                if address is not None and urlsplit(address.strip()).scheme.lower() not in _SAFE_SCHEMES:
+                if address is not None and _scheme(address) not in _SAFE_SCHEMES:
                     del element.attrib[attribute]
+
+
+def _scheme(address: str) -> str:
+    """The scheme a browser would see: after decoding character references ("&#106;avascript:")
+    and dropping the control characters and spaces it ignores."""
+    decoded = "".join(c for c in html.unescape(address) if c.isprintable() and not c.isspace())
+    return urlsplit(decoded).scheme.lower()
 
 
 class _TextOnly(Extension):

@@ -433,6 +433,10 @@ def result_png(request: Request, principal: Viewer, study_uid: str, sop_uid: str
     ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise HTTPException(500, "the image could not be encoded as PNG")
+    # The patient's image, which may be fetched without the page: a PHI view of its own.
+    audit.append(
+        db, "phi.viewed", actor=principal.actor, study_uid=study_uid, what="overlay image", sop_uid=sop_uid
+    )
     return Response(png.tobytes(), media_type="image/png")
 
 
