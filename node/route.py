@@ -4,6 +4,8 @@ A route's ``match`` maps DICOM keywords to conditions. A condition is
 - a plain value: equal (text compared stripped; numbers numerically),
 - a list: any of its conditions,
 - a table with any of ``glob``, ``regex``, ``gt``, ``ge``, ``lt``, ``le``, ``ne``, ``exists``: all must hold.
+  A ``regex`` is RE2 syntax, matched in time linear in the value: a pattern that backtracks
+  exponentially in Python's ``re`` would freeze routing on one crafted value (issue 11).
 A multi-valued element (e.g. ImageType) matches when any of its values does, or its whole
 backslash-joined value does. A key may reach into sequences, ``AnatomicRegionSequence.CodeValue``:
 the values of that keyword in every item, matched like a multi-valued element. ``called_ae`` and
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
+import re2
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
@@ -47,6 +50,16 @@ _OPERATORS = {"glob", "regex", "gt", "ge", "lt", "le", "ne", "exists"}
 
 class RouteError(ValueError):
     """A route whose conditions cannot work; raised when the configuration is checked."""
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is reported as a RouteError, not also on stderr
+
+
+@lru_cache(maxsize=256)
+def _regex(pattern: str) -> Any:
+    """A route's pattern compiled by RE2 (linear time, no backreferences or lookaround), once."""
+    return re2.compile(pattern, _RE2_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,7 @@ def _single(actual: Any, condition: Any) -> bool:
             continue
         if op == "glob" and not fnmatch.fnmatchcase(str(actual).strip(), str(operand)):
             return False
-        if op == "regex" and not re.search(str(operand), str(actual).strip()):
+        if op == "regex" and not _regex(str(operand)).search(str(actual).strip()):
             return False
         if op == "ne" and _equal(actual, operand):
             return False
@@ -130,9 +143,13 @@ def _validate_condition(where: str, condition: Any) -> None:
             raise RouteError(f"{where}: unknown operator(s) {sorted(unknown)}; use {sorted(_OPERATORS)}")
         if "regex" in condition:
             try:
-                re.compile(str(condition["regex"]))
-            except re.error as exc:
-                raise RouteError(f"{where}: bad regex: {exc}") from exc
+                _regex(str(condition["regex"]))
+            except re2.error as exc:
+                reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+                raise RouteError(
+                    f"{where}: bad regex {condition['regex']!r} (RE2 syntax: no backreferences or "
+                    f"lookaround): {reason}"
+                ) from exc
         for op in ("gt", "ge", "lt", "le"):
             if op in condition and _number(condition[op]) is None:
                 raise RouteError(f"{where}: {op} needs a number")

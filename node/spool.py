@@ -7,6 +7,7 @@ File names are built only from validated UIDs, so a hostile UID cannot escape th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -35,17 +36,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_durable: set[Path] = set()  # folders whose entry in their parent this process has seen fsynced
+_DURABLE_KEPT = 10_000
+
+
 def _make_dirs_durably(folder: Path) -> None:
-    """mkdir -p, fsyncing the parent of every folder it creates: a new study's folder must survive a
-    power cut as surely as the file in it."""
-    if folder.is_dir():
-        return
-    _make_dirs_durably(folder.parent)
-    try:
-        folder.mkdir()
-    except FileExistsError:  # another association created it first
-        return
-    _fsync_dir(folder.parent)
+    """mkdir -p, with every folder's entry in its parent fsynced before it is used: a new study's
+    folder must survive a power cut as surely as the file in it. A folder that exists is not yet
+    durable — another association may have just made it and not fsynced its parent yet — so its
+    parent is fsynced here too, once per folder and process (an fsync more than needed is harmless,
+    one less could lose an acknowledged instance)."""
+    if folder in _durable and folder.is_dir():  # removed since (a rerun's results, a deleted study):
+        return  # made again below
+    if folder.parent != folder:
+        _make_dirs_durably(folder.parent)
+    folder.mkdir(exist_ok=True)
+    with contextlib.suppress(PermissionError):  # an ancestor this user may not read: not the node's
+        _fsync_dir(folder.parent)
+    if len(_durable) >= _DURABLE_KEPT:  # forgetting costs one fsync per folder, not safety
+        _durable.clear()
+    _durable.add(folder)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

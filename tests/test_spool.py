@@ -1,8 +1,10 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from node import spool
 from node.spool import InvalidUID, Spool, check_uid, write_atomic
 
 
@@ -34,3 +36,29 @@ def test_failed_write_leaves_previous_file(tmp_path: Path) -> None:
         write_atomic(target, object())  # type: ignore[arg-type]
     assert target.read_bytes() == b"good"
     assert os.listdir(tmp_path) == ["x.dcm"]
+
+
+def test_a_folder_another_thread_just_made_is_made_durable_before_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11, fault 11: a folder that exists (another association made it and has not yet fsynced
+    its parent) is not taken as durable: its parent is fsynced before a file is acknowledged in it."""
+    synced: list[Path] = []
+    real = spool._fsync_dir
+    monkeypatch.setattr(spool, "_fsync_dir", lambda path: (synced.append(path), real(path)))
+    study = tmp_path / "incoming" / "1.2.3"
+    study.mkdir(parents=True)  # made by "another thread", its parent not fsynced
+    spool.write_atomic(study / "1.2.3.4.dcm", b"data")
+    assert tmp_path / "incoming" in synced  # the study folder's entry in its parent
+    assert study in synced  # and the file's entry in the study folder
+    synced.clear()
+    spool.write_atomic(study / "1.2.3.5.dcm", b"data")
+    assert synced == [study]  # once durable, a folder costs no more fsyncs
+
+
+def test_a_durable_folder_removed_since_is_made_again(tmp_path: Path) -> None:
+    results = tmp_path / "results" / "1"
+    write_atomic(results / "a.dcm", b"first run")
+    shutil.rmtree(results)  # a rerun clears its results folder
+    write_atomic(results / "a.dcm", b"second run")
+    assert (results / "a.dcm").read_bytes() == b"second run"

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from node import audit
 from node.config import Settings
 from node.db import Database, Instance
-from node.ingest.index import Arrival, Indexer, index_arrivals
+from node.ingest.index import Arrival, Indexer, index_or_set_aside
 from node.spool import Spool, check_uid
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,9 @@ class Ingest:
 
     def reconcile(self) -> int:
         """Index spool files the database does not know (stored, then the node died before indexing
-        them), and delete partial writes, which were never acknowledged. Returns how many were indexed."""
+        them), and delete partial writes, which were never acknowledged. A file that cannot be indexed
+        is set aside (node.ingest.index.set_aside), so it cannot keep the node from starting. Returns
+        how many were indexed."""
         for leftover in self.spool.leftover_temp_files():
             leftover.unlink(missing_ok=True)
         with self.db.session() as session:
@@ -165,6 +167,6 @@ class Ingest:
                     error=type(exc).__name__,
                 )
                 continue
-            index_arrivals(self.db, [arrival], self.settings.study, action="instance.reindexed")
-            found += 1
+            if index_or_set_aside(self.db, arrival, self.settings.study, "instance.reindexed") is not None:
+                found += 1
         return found

@@ -3,12 +3,14 @@
 The spool file is what makes an instance safe; the index rows only describe it, so indexing follows
 the acknowledgement, in batches, on its own thread (:class:`Indexer`). An arrival the node did not get
 to index before dying is found again by reconciliation (:meth:`node.ingest.accept.Ingest.reconcile`).
+One that cannot be indexed because of what it holds is set aside (:func:`set_aside`), never fatal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -27,6 +30,10 @@ from node.dicom.header import encode
 from node.ingest import completion
 
 log = logging.getLogger(__name__)
+
+QUARANTINE = "quarantine"  # beside the spool's incoming/: instances that cannot be indexed
+# The database itself failing, not the instance: the file stays in the spool for a later try.
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError)
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,16 @@ class Indexed:
     series_ready: bool  # the series is complete now (see node.ingest.completion)
 
 
+def storable(value: str) -> str:
+    """``value`` as every supported database can store it. NUL characters are removed, not escaped:
+    PostgreSQL text cannot hold them, and in a DICOM text value they carry no meaning (at most
+    padding), while an escape would make up characters the sender never sent. A character UTF-8
+    cannot encode (a lone surrogate) becomes "?". The spool file keeps every value as received."""
+    return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    return str(ds.get(keyword, "") or "")[:limit]
+    return storable(str(ds.get(keyword, "") or ""))[:limit]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -100,8 +115,8 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
             body_part=_text(ds, "BodyPartExamined", 16).upper(),
             description=_text(ds, "SeriesDescription", 64),
             series_number=_int(ds, "SeriesNumber"),
-            calling_ae=arrival.calling_ae,
-            called_ae=arrival.called_ae,
+            calling_ae=storable(arrival.calling_ae),
+            called_ae=storable(arrival.called_ae),
             header=encode(ds),
             first_received_at=now,
         )
@@ -114,8 +129,8 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
             Instance(
                 sop_uid=arrival.sop_uid,
                 series=series,
-                sop_class_uid=arrival.sop_class_uid,
-                transfer_syntax=arrival.transfer_syntax,
+                sop_class_uid=storable(arrival.sop_class_uid),
+                transfer_syntax=storable(arrival.transfer_syntax),
                 instance_number=_int(ds, "InstanceNumber"),
                 path=str(arrival.path),
                 size=arrival.size,
@@ -126,7 +141,7 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
     else:
         instance.times_received += 1
         instance.received_at = now
-        instance.transfer_syntax = arrival.transfer_syntax
+        instance.transfer_syntax = storable(arrival.transfer_syntax)
         instance.size = arrival.size
         if instance.series_fk != series.id or instance.path != str(arrival.path):
             # The same SOP Instance UID re-sent under another series: it belongs where it now is.
@@ -152,7 +167,7 @@ def index_arrivals(
             audit.record(
                 session,
                 action,
-                actor=arrival.calling_ae,
+                actor=storable(arrival.calling_ae),
                 study_uid=arrival.study_uid,
                 series_uid=arrival.series_uid,
                 sop_uid=arrival.sop_uid,
@@ -162,6 +177,49 @@ def index_arrivals(
             )
             session.flush()  # the next arrival of the batch sees this one's rows
     return ready
+
+
+def set_aside(db: Database, arrival: Arrival, reason: str) -> None:
+    """Audit, then move from the spool's ``incoming/`` to ``quarantine/`` (same path beneath), an
+    acknowledged instance that cannot be indexed: kept for someone to look at, never deleted, and no
+    longer retried at every start. Audited first, so a file whose audit failed stays where
+    reconciliation finds it again; a rename lost to a power cut only means it is set aside again.
+    A file outside the spool's layout stays where it is, marked by its audit row alone."""
+    path, target = arrival.path, None
+    incoming = path.parents[2] if len(path.parents) > 2 else None
+    if incoming is not None and incoming.name == "incoming":
+        target = incoming.parent / QUARANTINE / path.relative_to(incoming)
+    audit.append(
+        db,
+        "instance.set_aside",
+        outcome="failure",
+        actor=storable(arrival.calling_ae),
+        study_uid=arrival.study_uid,
+        series_uid=arrival.series_uid,
+        sop_uid=arrival.sop_uid,
+        path=str(path),
+        moved_to=str(target or ""),
+        reason=reason,
+    )
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def index_or_set_aside(
+    db: Database, arrival: Arrival, study_settings: StudySettings, action: str = "instance.stored"
+) -> bool | None:
+    """Index one arrival alone; if that fails because of the arrival (not the database), set it
+    aside. Returns whether a series became ready, None when set aside; raises only when the database
+    failed (DATABASE_UNAVAILABLE, or while setting aside), the file then left in the spool."""
+    try:
+        return index_arrivals(db, [arrival], study_settings, action)
+    except DATABASE_UNAVAILABLE:
+        raise
+    except Exception as exc:  # what the exception says may quote patient data: its type is the reason
+        log.exception("instance %s cannot be indexed; it is set aside", arrival.path.name)
+        set_aside(db, arrival, f"cannot be indexed: {type(exc).__name__}")
+        return None
 
 
 class Indexer:
@@ -222,7 +280,7 @@ class Indexer:
         ready = False
         for arrival in batch:
             try:
-                ready = index_arrivals(self.db, [arrival], self.study_settings) or ready
+                ready = bool(index_or_set_aside(self.db, arrival, self.study_settings)) or ready
             except Exception as exc:
                 log.exception("arrival could not be indexed; it stays in the spool")
                 with contextlib.suppress(Exception):
