@@ -208,8 +208,8 @@ def _choices(session: Session, settings: Settings) -> dict[str, list[str]]:
     return {"modalities": sorted(modalities), "routes": sorted(routes), "statuses": list(STATUSES)}
 
 
-def _row(study: Study) -> dict[str, Any]:
-    jobs = [job for series in study.series for job in series.jobs]
+def _identity(study: Study) -> dict[str, Any]:
+    """Who and what the study is, as the list and the detail page show it (PHI: their views are audited)."""
     return {
         "uid": study.study_uid,
         "patient_name": person_name(study.patient.patient_name),
@@ -217,6 +217,13 @@ def _row(study: Study) -> dict[str, Any]:
         "accession": study.accession_number,
         "study_date": study.study_date,
         "description": study.description,
+    }
+
+
+def _row(study: Study) -> dict[str, Any]:
+    jobs = [job for series in study.series for job in series.jobs]
+    return {
+        **_identity(study),
         "modalities": sorted({s.modality for s in study.series if s.modality}),
         "routes": sorted({job.route for job in jobs}),
         "status": study_status(study),
@@ -265,8 +272,8 @@ def studies_page(
         choices=choices,
         page_number=page_number,
         pages=pages,
-        previous=wanted.query(page_number - 1) if page_number > 1 else "",
-        next=wanted.query(page_number + 1) if page_number < pages else "",
+        newer=wanted.query(page_number - 1) if page_number > 1 else "",
+        older=wanted.query(page_number + 1) if page_number < pages else "",
         done=done,
     )
 
@@ -359,12 +366,7 @@ def _job(job: Job, study_uid: str) -> dict[str, Any]:
 def _detail(study: Study, settings: Settings) -> dict[str, Any]:
     jobs: dict[int, Job] = {job.id: job for series in study.series for job in series.jobs}
     return {
-        "uid": study.study_uid,
-        "patient_name": person_name(study.patient.patient_name),
-        "patient_id": study.patient.patient_id,
-        "accession": study.accession_number,
-        "study_date": study.study_date,
-        "description": study.description,
+        **_identity(study),
         "status": study_status(study),
         "first_received": when(study.first_received_at),
         "last_received": when(study.last_received_at),
