@@ -16,6 +16,8 @@ packages="orthanc dcmtk dicom3tools"
 # download), and a CJK font so that its screenshots show Korean and Japanese patient names, not boxes
 [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null && packages="$packages chromium"
 [ "${1:-}" = "--test" ] && packages="$packages fonts-wqy-zenhei"
+# --test: the TLS tests make their own CA and certificates with the openssl command
+[ "${1:-}" = "--test" ] && packages="$packages openssl"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -37,28 +37,41 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from node.dicom import tls
     from node.service import Node
     from node.web.app import create_app
 
     settings = _settings(args)
+    tls.check(settings)  # before anything starts: no plain HTTP off the machine, every TLS file usable
+    https = tls.server_context(settings.tls, client_certificates=False) if settings.tls.cert_file else None
     node = Node(settings)
     node.start()
     # uvicorn stops on SIGTERM, then raises it again: without a handler that would end the process
     # before the node stops (its jobs, its sends, its node.stopped audit event).
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        app = create_app(node.db, node.spool, settings, dicom_listening=lambda: node.running)
-        uvicorn.run(app, host=settings.node.http_host, port=settings.node.http_port, log_level="warning")
+        app = create_app(
+            node.db, node.spool, settings, dicom_listening=lambda: node.running, dicom_load=node.receiver.load
+        )
+        uvicorn.run(
+            app,
+            host=settings.node.http_host,
+            port=settings.node.http_port,
+            log_level="warning",
+            ssl_context_factory=(lambda config, default: https) if https else None,
+        )
     finally:
         node.stop()
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from node.dicom import tls
     from node.route import validate
     from node.runtime.package import select, verify_weights
 
     settings = _settings(args)
+    tls.check(settings)  # what `serve` would refuse, check-config refuses too
     validate(settings.routes)
     for route in settings.routes:
         wanted = [(route.model, route.model_version), *((name, None) for name in route.models.values())]

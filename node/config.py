@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     ValidationError,
     model_validator,
 )
@@ -44,6 +45,13 @@ def _ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 
 
+class CallingAE(_Section):
+    """A calling AE title allowed only from these addresses or networks."""
+
+    ae_title: AETitle
+    addresses: list[IPvAnyNetwork] = Field(min_length=1)
+
+
 class NodeSettings(_Section):
     ae_title: AETitle = "AINODE"
     dicom_host: str = "0.0.0.0"
@@ -53,9 +61,20 @@ class NodeSettings(_Section):
     data_dir: Path = Path("./var")
     database_url: str = ""  # empty: SQLite in data_dir
     models_dir: Path = DEFAULT_MODELS_DIR
-    allowed_calling_aets: list[AETitle] = []  # empty: any calling AE may store
+    # empty: any calling AE may store; an entry is a title, or {ae_title, addresses} to allow it only
+    # from those addresses or networks ("10.1.2.3", "10.1.2.0/24")
+    allowed_calling_aets: list[AETitle | CallingAE] = []
     min_free_disk_mb: int = Field(500, ge=0)  # below this the node answers 0xA700 (out of resources)
-    max_associations: int = Field(10, ge=1)
+    reconcile_seconds: float = Field(300.0, gt=0)  # how often the spool is checked for unindexed files
+    max_instance_mb: int = Field(2048, ge=1)  # a larger data set is refused with 0xC002 (too large)
+    max_inflated_mb: int = Field(1024, ge=1)  # a deflated data set inflating beyond this: 0xC002 too
+    max_associations: int = Field(10, ge=1)  # connections at once in any state; more: refused, no thread
+    max_associations_per_address: int = Field(5, ge=1)  # of those, from one remote address
+    association_setup_seconds: float = Field(10.0, gt=0)  # connect to A-ASSOCIATE-RQ received, at most
+    pdu_seconds: float = Field(30.0, gt=0)  # each PDU must arrive whole within this of its first byte
+    max_pdu_bytes: int = Field(1_048_576, ge=16_384, le=2**32 - 1)  # announced to senders; longer: aborted
+    refusal_audit_seconds: float = Field(60.0, gt=0)  # refusals audited/logged once per source per this
+    unknown_sop_classes: Literal["accept", "refuse"] = "accept"  # storage SOP classes pynetdicom lacks
     network_timeout: float = Field(60.0, gt=0)
     workers: int = Field(1, ge=1)  # local job slots, each its own process
     torch_threads: int = Field(0, ge=0)  # 0: one per core shared by the workers
@@ -75,7 +94,14 @@ class StudySettings(_Section):
 class JobSettings(_Section):
     executor: str = "local"  # who runs jobs: a name registered in node.jobs.executor
     max_attempts: int = Field(2, ge=1)  # a job that fails is run again up to this many times in all
-    timeout_seconds: float = Field(900.0, gt=0)
+    # A job's time limit: base + per instance + per MB of its series, capped at timeout_seconds.
+    timeout_base_seconds: float = Field(120.0, gt=0)  # starting a worker, loading the model
+    timeout_per_instance_seconds: float = Field(1.0, ge=0)  # reading and analysing one image
+    timeout_per_mb_seconds: float = Field(0.5, ge=0)  # large pixel data: multi-frame, big radiographs
+    timeout_seconds: float = Field(900.0, gt=0)  # the cap: no job runs longer
+    # A job that ran out of time is retried only while its attempts are below this (1: never).
+    timeout_max_attempts: int = Field(1, ge=1)
+    watchdog_grace_seconds: float = Field(60.0, gt=0)  # past its limit + this, a running job is failed
 
 
 class SendSettings(_Section):
@@ -89,7 +115,8 @@ class WebSettings(_Section):
     """The dashboard's sessions and its answer to password guessing."""
 
     session_hours: float = Field(8.0, gt=0)  # a login lasts this long, then the user logs in again
-    # Cookies only over HTTPS (a TLS proxy in front); false only for plain-HTTP tests and development.
+    # Cookies only over HTTPS ([tls] cert_file, or a TLS proxy in front); false only for plain-HTTP tests
+    # and development.
     secure_cookies: bool = True
     lockout_after: int = Field(5, ge=1)  # failed logins in a row before the account is locked
     lockout_seconds: float = Field(60.0, ge=0)  # the first lock; each further failure doubles it ...
@@ -110,11 +137,43 @@ class AuditSettings(_Section):
     enterprise_site_id: str = ""  # AuditEnterpriseSiteID (the hospital); empty: not sent
 
 
+class RetentionSettings(_Section):
+    """When settled studies are removed to make room (node/retention.py): by age, and by disk use."""
+
+    keep_days: float = Field(0.0, ge=0)  # remove settled studies last received longer ago; 0: keep forever
+    disk_high_water_percent: float = Field(90.0, gt=0, le=100)  # data disk used above this: remove ...
+    disk_low_water_percent: float = Field(80.0, ge=0, le=100)  # ... oldest settled studies until below this
+    interval_seconds: float = Field(60.0, gt=0)  # how often the retention pass runs
+
+    @model_validator(mode="after")
+    def _check_water(self) -> RetentionSettings:
+        if self.disk_low_water_percent >= self.disk_high_water_percent:
+            raise ValueError("disk_low_water_percent must be below disk_high_water_percent")
+        return self
+
+
+class TlsSettings(_Section):
+    """The node's own certificate, for DICOM TLS (node/dicom/tls.py) and the dashboard's HTTPS, and the
+    CAs that certificates shown to the node are checked against."""
+
+    cert_file: Path | None = None  # the node's certificate (PEM, its chain after it); set: HTTPS, DICOM TLS
+    key_file: Path | None = None  # its private key (PEM, unencrypted), readable only by the node's user
+    ca_file: Path | None = None  # CAs for senders' and destinations' certificates; None: the system's
+    dicom_port: int = Field(0, ge=0, le=65535)  # the DICOM TLS listener; 0: none (2762 is DICOM TLS's port)
+    dicom_host: str = ""  # where the DICOM TLS listener binds; empty: node.dicom_host
+    require_client_cert: bool = False  # TLS senders must show a certificate that ca_file vouches for
+
+
 class Destination(_Section):
     name: str
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = False  # DICOM TLS to this destination (give its TLS port)
+    tls_ca_file: Path | None = None  # CAs its certificate must come from; None: [tls] ca_file, else system's
+    tls_cert_file: Path | None = None  # the certificate the node shows it; None: [tls] cert_file, if any
+    tls_key_file: Path | None = None  # that certificate's private key; None: [tls] key_file
+    tls_server_name: str = ""  # the name its certificate must carry; empty: host
 
 
 class OutputSpec(_Section):
@@ -155,6 +214,8 @@ class Settings(_Section):
     send: SendSettings = SendSettings()
     web: WebSettings = WebSettings()
     audit: AuditSettings = AuditSettings()
+    tls: TlsSettings = TlsSettings()
+    retention: RetentionSettings = RetentionSettings()
     destinations: list[Destination] = []
     routes: list[Route] = []
 
@@ -247,4 +308,12 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             file = getattr(audit, name)
             if file is not None and not file.is_absolute():
                 setattr(audit, name, base / file)
+        for section, names in (
+            (settings.tls, ("cert_file", "key_file", "ca_file")),
+            *((dest, ("tls_ca_file", "tls_cert_file", "tls_key_file")) for dest in settings.destinations),
+        ):
+            for name in names:
+                file = getattr(section, name)
+                if file is not None and not file.is_absolute():
+                    setattr(section, name, base / file)
     return settings

@@ -34,6 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.types import TypeDecorator
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL before the attempt counts as the database being away
 
 
 def utcnow() -> datetime:
@@ -277,7 +278,12 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         # hide_parameters: SQL errors would otherwise put bound values (patient names) in the log.
-        self.engine: Engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
+        # connect_timeout: a database host that has gone silent (not one that refuses) must not hold
+        # each C-STORE's UID check for the two minutes TCP would wait.
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT} if url.startswith("postgresql") else {}
+        self.engine: Engine = create_engine(
+            url, pool_pre_ping=True, hide_parameters=True, connect_args=connect_args
+        )
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

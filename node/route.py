@@ -43,6 +43,7 @@ from node.config import Route
 from node.db import Database, Instance, Job, Series, SeriesStatus, Study
 from node.dicom.header import decode
 from node.outputs import check_output
+from node.privacy import failure
 
 log = logging.getLogger(__name__)
 _OPERATORS = {"glob", "regex", "gt", "ge", "lt", "le", "ne", "exists"}
@@ -333,7 +334,7 @@ def _decide(routes: Sequence[Route], series: _SeriesView) -> _Decision:
         except (OSError, InvalidDicomError) as exc:
             note = f"first instance unreadable: {exc}"
         except Exception as exc:  # one series that cannot be routed must not hold up the rest
-            log.exception("routing a series failed")
+            log.error("routing a series failed: %s", failure(exc))
             note = f"routing failed: {type(exc).__name__}"
     return _Decision(series, chosen, note)
 

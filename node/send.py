@@ -17,9 +17,10 @@ from pydicom import Dataset
 from sqlalchemy import select
 
 from node import audit
-from node.config import Destination, SendSettings, Settings
+from node.config import ConfigError, Destination, SendSettings, Settings
 from node.db import Database, Job, Result, Send, SendStatus, Series, Study, utcnow
 from node.dicom.network import SOCKET_HANDLERS, sending_ae
+from node.dicom.tls import tls_args
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,18 @@ def backoff(settings: SendSettings, attempts: int) -> float:
 
 def echo(settings: Settings, destination: Destination) -> int:
     """C-ECHO a destination; the DICOM status (0 = success), or -1 if no association."""
+    try:
+        tls = tls_args(settings, destination)
+    except ConfigError as exc:  # a TLS file changed since start: the echo fails, it does not crash the page
+        log.warning("C-ECHO %s: %s", destination.name, exc)
+        return -1
     ae = sending_ae(settings.node, timeout=10)
     assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=SOCKET_HANDLERS
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        evt_handlers=SOCKET_HANDLERS,
+        tls_args=tls,
     )
     if not assoc.is_established:
         return -1
@@ -107,12 +117,17 @@ class Sender:
     def _send(self, name: str, rows: list[Any]) -> int:
         try:
             destination = self.settings.destination(name)
+            tls = tls_args(self.settings, destination)  # a certificate file gone since start fails the send
         except Exception as exc:
             self._record({row.id: (False, str(exc)) for row in rows})
             return 0
         ae = sending_ae(self.settings.node, [row.sop_class_uid for row in rows])
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=SOCKET_HANDLERS
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=SOCKET_HANDLERS,
+            tls_args=tls,
         )
         outcomes: dict[int, tuple[bool, str]] = {}
         if not assoc.is_established:

@@ -8,11 +8,14 @@ File names are built only from validated UIDs, so a hostile UID cannot escape th
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -36,6 +39,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_COPY_CHUNK = 16 * 1024 * 1024
 _durable: set[Path] = set()  # folders whose entry in their parent this process has seen fsynced
 _DURABLE_KEPT = 10_000
 
@@ -58,20 +62,58 @@ def _make_dirs_durably(folder: Path) -> None:
     _durable.add(folder)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader (or a crash) sees either nothing or all of it."""
+class Staged:
+    """A complete, fsynced file beside its final name, not yet renamed over it: what is there now can
+    still be compared with it (a re-sent instance) before :meth:`commit` makes it the file."""
+
+    def __init__(self, path: Path, temp: Path) -> None:
+        self.path = path
+        self.temp = temp
+        self.committed = False
+
+    def commit(self) -> Path:
+        os.replace(self.temp, self.path)
+        self.committed = True
+        _fsync_dir(self.path.parent)
+        return self.path
+
+
+def _copy(source: BinaryIO, target: BinaryIO) -> None:
+    """The rest of ``source`` onto ``target``, a chunk at a time; in the kernel where it can be."""
+    target.flush()
+    offset = source.tell()
+    with contextlib.suppress(OSError, io.UnsupportedOperation):  # other file systems, or a BytesIO
+        while copied := os.copy_file_range(source.fileno(), target.fileno(), _COPY_CHUNK, offset):
+            offset += copied
+        return
+    source.seek(offset)
+    shutil.copyfileobj(source, target, _COPY_CHUNK)
+
+
+@contextlib.contextmanager
+def staged(path: Path, head: bytes, body: BinaryIO | None = None) -> Iterator[Staged]:
+    """Write ``head`` and then the rest of ``body`` to a temporary file beside ``path``, durably; the
+    temporary file is removed unless the caller commits it."""
     _make_dirs_durably(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    file = Staged(path, Path(tmp))
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            handle.write(head)
+            if body is not None:
+                _copy(body, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        yield file
+    finally:
+        if not file.committed:
+            file.temp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader (or a crash) sees either nothing or all of it."""
+    with staged(path, data) as file:
+        file.commit()
 
 
 class Spool:
@@ -81,7 +123,8 @@ class Spool:
         self.root = Path(data_dir)
         self.incoming = self.root / "incoming"
         self.results = self.root / "results"
-        for folder in (self.incoming, self.results):
+        self.receiving = self.root / "receiving"  # data sets being received, not yet acknowledged
+        for folder in (self.incoming, self.results, self.receiving):
             folder.mkdir(parents=True, exist_ok=True)
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -92,17 +135,15 @@ class Spool:
             / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
         )
 
-    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        path = self.instance_path(study_uid, series_uid, sop_uid)
-        write_atomic(path, data)
-        return path
+    def staged_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, head: bytes, body: BinaryIO
+    ) -> contextlib.AbstractContextManager[Staged]:
+        """An instance's file (``head``, then the rest of ``body``) written beside its place in the
+        spool, to be committed there (see :func:`staged`)."""
+        return staged(self.instance_path(study_uid, series_uid, sop_uid), head, body)
 
     def result_dir(self, job_id: int) -> Path:
         return self.results / str(int(job_id))
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
-
-    def leftover_temp_files(self) -> list[Path]:
-        """Partial writes from a crash; never acknowledged, so safe to delete."""
-        return [p for p in self.root.rglob(".tmp-*.part") if p.is_file()]

@@ -30,8 +30,9 @@ class InlineExecutor:
         self._busy.set()
         self._claims.put(claim)
 
-    def cancel(self, job_id: int) -> None:
+    def cancel(self, job_id: int) -> bool:
         """A job on this thread cannot be stopped halfway; it simply finishes."""
+        return False
 
     def shutdown(self) -> None:
         self._claims.put(None)

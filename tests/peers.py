@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,9 +37,9 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, verify: ssl.SSLContext | bool = True) -> bool:
     try:
-        return httpx.get(url, timeout=1).status_code == 200
+        return httpx.get(url, timeout=1, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -52,6 +53,7 @@ class OrthancServer:
         node_port: int | None = None,
         lua: Sequence[Path] = (),
         dicom_port: int | None = None,
+        options: dict[str, Any] | None = None,  # further Orthanc settings, e.g. its DicomTls* ones
     ) -> None:
         self.folder = folder
         self.http_port = free_port()
@@ -74,6 +76,7 @@ class OrthancServer:
             # request sent on a connection as it closes gets no answer. One connection per request.
             "KeepAlive": False,
             "LuaScripts": [str(path) for path in lua],
+            **(options or {}),
         }
         if node_port is not None:
             config["DicomModalities"]["ainode"] = ["AINODE", "127.0.0.1", node_port]
@@ -128,14 +131,22 @@ def storescu(
     )
 
 
-def echoscu(port: int, called: str = "AINODE", calling: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+def echoscu(
+    port: int, called: str = "AINODE", calling: str = "ECHOSCU", extra: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["echoscu", "-aec", called, "-aet", calling, "127.0.0.1", str(port)],
+        ["echoscu", "-aec", called, "-aet", calling, *extra, "127.0.0.1", str(port)],
         capture_output=True,
         text=True,
         env=dcmtk_env(),
         timeout=60,
     )
+
+
+def dcmtk_tls(key: Path | None, cert: Path | None, ca: Path) -> list[str]:
+    """dcmtk's options for DICOM TLS: show ``cert`` (none: anonymous TLS), trust the CA ``ca``."""
+    shown = ["+tls", str(key), str(cert)] if key and cert else ["+tla"]
+    return [*shown, "+cf", str(ca)]
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -156,7 +167,8 @@ def dsrdump(path: Path) -> str:
 class NodeProcess:
     """The node as users run it: ``ainode serve --config FILE`` in its own process."""
 
-    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, settings: dict[str, Any], ca: Path | None = None) -> None:
+        """``ca``: the CA that the node's HTTPS certificate (``[tls] cert_file``) is checked against."""
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         node = settings.setdefault("node", {})
@@ -171,7 +183,9 @@ class NodeProcess:
         self.config = folder / "config.toml"
         self.config.write_bytes(tomli_w.dumps(settings).encode())
         self.dicom_port = int(node["dicom_port"])
-        self.url = f"http://127.0.0.1:{node['http_port']}"
+        scheme = "https" if settings.get("tls", {}).get("cert_file") else "http"
+        self.url = f"{scheme}://127.0.0.1:{node['http_port']}"
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
         self.process: subprocess.Popen[bytes] | None = None
         self.log = folder / "node.log"
         self.token = ""  # an admin API token for api() and study(), made before the first start
@@ -206,7 +220,7 @@ class NodeProcess:
     def _healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-        return _http_ok(f"{self.url}/healthz")
+        return _http_ok(f"{self.url}/healthz", self.verify)
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, as in a power cut or an OOM kill."""
@@ -230,10 +244,12 @@ class NodeProcess:
         return {"Authorization": f"Bearer {self.token}"}
 
     def api(self, path: str) -> Any:
-        response = httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
+        response = httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10, verify=self.verify)
         response.raise_for_status()
         return response.json()
 
     def study(self, study_uid: str) -> dict[str, Any] | None:
-        response = httpx.get(f"{self.url}/api/studies/{study_uid}", headers=self.headers, timeout=10)
+        response = httpx.get(
+            f"{self.url}/api/studies/{study_uid}", headers=self.headers, timeout=10, verify=self.verify
+        )
         return response.json() if response.status_code == 200 else None

@@ -3,15 +3,18 @@ takes the node down), each fixed and shown not to come back."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from node import route as route_module
 from node.config import Route, StudySettings
 from node.db import Database, Job, Series, SeriesStatus
 from node.route import RouteError, matches, route_ready, validate
@@ -97,3 +100,34 @@ def test_routing_a_near_miss_series_does_not_stall(db: Database, tmp_path: Path)
         NEAR_MISS: (SeriesStatus.NO_ROUTE, "no route matched"),
         "Chest PA": (SeriesStatus.ROUTED, "described"),
     }
+
+
+def test_routing_holds_no_lock_a_writer_needs(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However long matching takes, it runs outside every transaction: an instance arriving meanwhile
+    is indexed at once (the freeze came from matching under the lock every writer shares)."""
+    matching, release = threading.Event(), threading.Event()
+    real_choose = route_module.choose
+
+    def slow_choose(routes: Sequence[Route], subject: route_module.Subject) -> list[Route]:
+        matching.set()
+        release.wait(timeout=30)
+        return real_choose(routes, subject)
+
+    monkeypatch.setattr(route_module, "choose", slow_choose)
+    route = Route(name="any", match={"Modality": "DX"}, handler="chest_xray", model="chest-xray")
+    store(db, dx_file(tmp_path, "Chest PA"), StudySettings())
+    routing = threading.Thread(target=route_ready, args=(db, [route]))
+    routing.start()
+    try:
+        assert matching.wait(timeout=10)
+        start = time.perf_counter()
+        store(db, dx_file(tmp_path, "Chest AP"), StudySettings())
+        indexed_in = time.perf_counter() - start
+    finally:
+        release.set()
+        routing.join(timeout=30)
+    assert indexed_in < 2.0  # SQLite's busy timeout is far longer: a held lock would show
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Series)) == 2

@@ -4,11 +4,14 @@ file that still cannot be indexed is set aside and audited while the rest are in
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom.dsutils import encode
 from sqlalchemy import exc as sa_exc
@@ -22,6 +25,7 @@ from node.ingest import index
 from node.ingest.accept import Ingest, Origin
 from node.ingest.completion import mark_stable
 from node.ingest.index import QUARANTINE, Arrival, Indexed, Indexer
+from node.ingest.reconcile import Reconciler
 from node.spool import Spool
 
 pytestmark = pytest.mark.faults
@@ -54,6 +58,11 @@ def instance(name: str = "DOE^JANE", description: str = "HEAD CT") -> tuple[File
 def ingest(db: Database, tmp_path: Path) -> Ingest:
     spool = Spool(tmp_path / "data")
     return Ingest(Settings(), db, spool, Indexer(db, StudySettings(stable_seconds=0), on_ready=lambda: None))
+
+
+def reconcile(node: Ingest) -> int:
+    """Reconciliation at start; how many spool files it indexed."""
+    return Reconciler(node.settings, node.db, node.spool, node.indexer).at_start().indexed
 
 
 def spooled(node: Ingest, name: str = "DOE^JANE", description: str = "HEAD CT") -> Path:
@@ -107,10 +116,10 @@ def test_nul_in_text_is_indexed_and_its_series_becomes_ready(db: Database, tmp_p
 def test_reconcile_at_start_indexes_a_file_with_nul(db: Database, tmp_path: Path) -> None:
     node = ingest(db, tmp_path)
     path = spooled(node, "A\x00B", "HEAD\x00CT")
-    assert node.reconcile() == 1  # before the fix: raised on PostgreSQL, and `ainode serve` exited 1
+    assert reconcile(node) == 1  # before the fix: raised on PostgreSQL, and `ainode serve` exited 1
     assert indexed_uids(db) == {path.stem}
     assert actions(db).count("instance.reindexed") == 1
-    assert node.reconcile() == 0
+    assert reconcile(node) == 0
 
 
 def test_reconcile_sets_aside_a_file_that_cannot_be_indexed(
@@ -120,7 +129,7 @@ def test_reconcile_sets_aside_a_file_that_cannot_be_indexed(
     paths = [spooled(node) for _ in range(3)]
     bad = paths[1]
     poison(monkeypatch, bad.stem, ValueError("cannot store this"))
-    assert node.reconcile() == 2  # the other two are indexed; nothing raised
+    assert reconcile(node) == 2  # the other two are indexed; nothing raised
     assert indexed_uids(db) == {paths[0].stem, paths[2].stem}
     quarantined = node.spool.root / QUARANTINE / bad.relative_to(node.spool.incoming)
     assert not bad.exists() and quarantined.is_file()  # kept, out of the way of every next start
@@ -128,7 +137,7 @@ def test_reconcile_sets_aside_a_file_that_cannot_be_indexed(
         event = session.scalars(select(AuditEvent).where(AuditEvent.action == "instance.set_aside")).one()
     assert event.detail["sop_uid"] == bad.stem and event.detail["moved_to"] == str(quarantined)
     assert event.detail["reason"] == "cannot be indexed: ValueError" and event.outcome == "failure"
-    assert node.reconcile() == 0 and actions(db).count("instance.set_aside") == 1
+    assert reconcile(node) == 0 and actions(db).count("instance.set_aside") == 1
     assert audit.verify(db) is None
 
 
@@ -154,5 +163,85 @@ def test_database_failure_is_not_blamed_on_the_file(
     path = spooled(node)
     poison(monkeypatch, path.stem, sa_exc.OperationalError("INSERT", {}, Exception("server closed")))
     with pytest.raises(sa_exc.OperationalError):
-        node.reconcile()  # a node without its database does not start; the file waits in the spool
+        reconcile(node)  # a node without its database does not start; the file waits in the spool
     assert path.is_file() and "instance.set_aside" not in actions(db)
+
+
+def test_a_file_gone_before_it_is_set_aside_does_not_stop_the_indexer(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = ingest(db, tmp_path)
+    arrivals = [node.accept(*instance(), ORIGIN) for _ in range(3)]
+    bad = arrivals[1]
+    real, tries = index.index_arrival, []
+
+    def failing_then_deleted(session: Session, arrival: Arrival, study_settings: StudySettings) -> Indexed:
+        if arrival.sop_uid == bad.sop_uid:
+            tries.append(arrival)
+            if len(tries) == 2:  # tried alone: its study is deleted from the dashboard meanwhile
+                bad.path.unlink()
+            raise ValueError("cannot store this")
+        return real(session, arrival, study_settings)
+
+    monkeypatch.setattr(index, "index_arrival", failing_then_deleted)
+    node.indexer.start()
+    node.indexer.stop()  # before the fix: the batch was retried for ever, nothing after it indexed
+    assert not node.indexer._thread.is_alive()
+    assert indexed_uids(db) == {arrivals[0].sop_uid, arrivals[2].sop_uid}
+    assert actions(db).count("instance.set_aside") == 1
+
+
+def test_stop_returns_while_the_database_hangs_and_the_queue_is_full(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = ingest(db, tmp_path)
+    arrivals = [node.accept(*instance(), ORIGIN) for _ in range(3)]
+    hanging, took = threading.Event(), threading.Event()
+
+    def hang(*args: object, **kwargs: object) -> bool:
+        took.set()
+        hanging.wait()  # a query the database never answers
+        return False
+
+    monkeypatch.setattr(index, "index_arrivals", hang)
+    monkeypatch.setattr(Indexer, "QUEUED", 2)
+    monkeypatch.setattr(Indexer, "STOP_WAIT", 1.0)
+    indexer = Indexer(db, StudySettings(), on_ready=lambda: None)
+    indexer.start()
+    indexer.submit(arrivals[0])
+    assert took.wait(5)
+    for arrival in arrivals[1:]:
+        indexer.submit(arrival, timeout=0.1)  # the queue is full now
+    stopping = threading.Thread(target=indexer.stop, daemon=True)
+    stopping.start()
+    stopping.join(10)  # generous: it waits STOP_WAIT; before the fix it waited for ever
+    hanging.set()
+    assert not stopping.is_alive()
+
+
+def test_an_arrival_whose_file_was_deleted_before_indexing_leaves_no_row(
+    db: Database, tmp_path: Path
+) -> None:
+    """An instance acknowledged while its study was being deleted (a re-send the spool already held):
+    by the time it is indexed its file is gone, and a row would point at nothing."""
+    node = ingest(db, tmp_path)
+    path = spooled(node)
+    header = dcmread(path, stop_before_pixels=True)
+    arrival = Arrival(
+        STUDY, SERIES, header.SOPInstanceUID, CTImageStorage, ExplicitVRLittleEndian, path, 1, header
+    )
+    path.unlink()
+    assert index.index_arrivals(db, [arrival], StudySettings()) is False
+    assert indexed_uids(db) == set()
+    assert actions(db) == ["instance.gone"]
+
+
+def test_an_integer_string_beyond_every_number_counts_as_absent() -> None:
+    """An IS of "1e999" (legal characters, found by the fuzzer) is read by pydicom as infinity; it must
+    not keep the instance from being indexed (it was set aside for an OverflowError)."""
+    ds = Dataset()
+    ds[0x00200011] = RawDataElement(Tag(0x00200011), "IS", 5, b"1e999", 0, False, True)
+    ds[0x00200013] = RawDataElement(Tag(0x00200013), "IS", 2, b"7 ", 0, False, True)
+    with pytest.warns(UserWarning, match="Invalid value for VR IS"):
+        assert index._int(ds, "SeriesNumber") is None
+    assert index._int(ds, "InstanceNumber") == 7

@@ -23,9 +23,10 @@ from node.db import (
     SeriesStatus,
     utcnow,
 )
-from node.ingest.accept import Ingest
 from node.ingest.completion import mark_stable
+from node.ingest.conflicts import UIDConflict
 from node.ingest.index import Arrival, Indexer, index_arrival
+from node.ingest.reconcile import Reconciler
 from node.route import Subject, route_ready
 from node.send import Sender, backoff
 from node.spool import Spool
@@ -150,13 +151,13 @@ def test_late_instance_ignored_when_configured(db: Database, tmp_path: Path) -> 
 def test_reconcile_indexes_files_the_database_lost(db: Database, tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     instance(spool)  # on disk, never indexed (the node died in between)
-    (spool.incoming / ".tmp-x.part").write_bytes(b"partial")
     damaged = spool.instance_path(STUDY, SERIES, generate_uid())
+    (damaged.parent / ".tmp-x.part").write_bytes(b"partial")  # a write the node died in
     damaged.write_bytes(b"not DICOM")  # one damaged file must not stop the node from starting
-    ingest = Ingest(Settings(), db, spool, Indexer(db, StudySettings(), on_ready=lambda: None))
-    assert ingest.reconcile() == 1
-    assert ingest.reconcile() == 0
-    assert spool.leftover_temp_files() == []
+    reconciler = Reconciler(Settings(), db, spool, Indexer(db, StudySettings(), on_ready=lambda: None))
+    assert reconciler.at_start().indexed == 1
+    assert reconciler.at_start().indexed == 0
+    assert not list(damaged.parent.glob(".tmp-*.part"))
     assert series_status(db) == SeriesStatus.RECEIVING
     with db.session() as session:
         series = session.scalars(select(Series)).one()
@@ -217,16 +218,17 @@ def test_indexer_indexes_every_arrival_across_batches(db: Database, tmp_path: Pa
         assert session.scalars(select(Series.instance_count)).one() == len(arrivals)
 
 
-def test_instance_resent_under_another_series_moves_and_routing_goes_on(db: Database, tmp_path: Path) -> None:
+def test_instance_resent_under_another_series_is_not_indexed_and_routing_goes_on(
+    db: Database, tmp_path: Path
+) -> None:
     spool, study = Spool(tmp_path), StudySettings(stable_seconds=0)
     first = instance(spool)
     store(db, first, study)
-    other_series = generate_uid()
-    store(db, instance(spool, series=other_series, sop=first.sop_uid), study)
+    with pytest.raises(UIDConflict, match="sop_elsewhere"):  # issue 11: it emptied the first series
+        store(db, instance(spool, series=generate_uid(), sop=first.sop_uid), study)
     mark_stable(db, study)
     assert route_ready(db, ROUTES) == 1
-    assert series_status(db) == SeriesStatus.NO_ROUTE  # emptied: recorded, not a blocker
-    assert series_status(db, other_series) == SeriesStatus.ROUTED
+    assert series_status(db) == SeriesStatus.ROUTED
 
 
 def test_routing_reads_the_header_kept_at_arrival_not_the_file(db: Database, tmp_path: Path) -> None:
@@ -267,6 +269,7 @@ def test_a_spool_file_from_before_ae_titles_were_kept_routes_on_the_nodes_own(
     del header.file_meta.SendingApplicationEntityTitle, header.file_meta.ReceivingApplicationEntityTitle
     header.save_as(older.path, enforce_file_format=True)
     settings = Settings.model_validate({"node": {"ae_title": "AINODE"}})
-    assert Ingest(settings, db, spool, Indexer(db, StudySettings(), on_ready=lambda: None)).reconcile() == 1
+    indexer = Indexer(db, StudySettings(), on_ready=lambda: None)
+    assert Reconciler(settings, db, spool, indexer).at_start().indexed == 1
     with db.session() as session:
         assert session.scalars(select(Series.called_ae)).one() == "AINODE"

@@ -1,5 +1,5 @@
 """The Overview, Studies and Study detail pages, on SQLite and PostgreSQL, over studies that went the
-real way: files in the spool indexed (``Ingest.reconcile``), completed, routed, the job claimed, run
+real way: files in the spool indexed (``Reconciler.at_start``), completed, routed, the job claimed, run
 (the chest X-ray model, Grad-CAM, SC and SR written) and finished through the job store, the results
 sent to a real Orthanc and to a destination that does not answer.
 
@@ -26,9 +26,9 @@ from sqlalchemy import select
 
 from node.config import Settings
 from node.db import AuditEvent, Database, Job, JobStatus, Result, Send, SendStatus, Study
-from node.ingest.accept import Ingest
 from node.ingest.completion import mark_stable
 from node.ingest.index import Indexer
+from node.ingest.reconcile import Reconciler
 from node.jobs import ExecutorContext, JobStore, dispatch
 from node.jobs.local import LocalPool
 from node.jobs.run import run_job
@@ -79,9 +79,8 @@ class Node:
         path = self.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
-        assert Ingest(
-            self.settings, self.db, self.spool, Indexer(self.db, self.settings.study, lambda: None)
-        ).reconcile()
+        indexer = Indexer(self.db, self.settings.study, lambda: None)
+        assert Reconciler(self.settings, self.db, self.spool, indexer).at_start().indexed
 
     def route(self) -> int:
         mark_stable(self.db, self.settings.study)

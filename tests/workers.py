@@ -4,6 +4,7 @@ import os
 import time
 
 from node.jobs.run import JobOutput, Task
+from node.runtime.identity import ModelIdentity
 from node.runtime.package import ModelRefused
 
 
@@ -26,3 +27,10 @@ def refuse(task: Task) -> JobOutput:
 
 def pid(task: Task) -> JobOutput:
     raise RuntimeError(f"pid={os.getpid()}")
+
+
+def nap(task: Task) -> JobOutput:
+    """Sleeps as long as the job's ``sleep`` option says (a slow series), then gives an empty result."""
+    time.sleep(float(task.spec.options.get("sleep", 0)))
+    identity = ModelIdentity(task.spec.model, "1.0", "0" * 64, "test model")
+    return JobOutput(identity, [], "napped", {"analysed": True})

@@ -2,30 +2,35 @@
 
 Whoever hands the node an instance — the DICOM listener today, an upload tomorrow — calls
 :meth:`Ingest.accept`; an instance is safe once ``accept`` returns, because its file is durably in
-the spool (node.spool). Reconciliation (:meth:`Ingest.reconcile`) takes a spool file the index missed
+the spool (node.spool). Reconciliation (node.ingest.reconcile) takes a spool file the index missed
 down the same path from the arrival on. What cannot be accepted raises :class:`Refused` with the
 Storage Service status a DICOM sender understands, and is audited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pynetdicom.dsutils import encode_file_meta
-from sqlalchemy import select
 
 from node import audit
 from node.config import Settings
-from node.db import Database, Instance
-from node.ingest.index import Arrival, Indexer, index_or_set_aside
-from node.spool import Spool, check_uid
+from node.db import Database
+from node.ingest import checks
+from node.ingest.conflicts import UID_CONFLICT, Conflicts
+from node.ingest.index import Arrival, Indexer
+from node.privacy import failure
+from node.spool import InvalidUID, Spool, check_uid
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,13 @@ log = logging.getLogger(__name__)
 OUT_OF_RESOURCES = 0xA700  # the sender should retry later
 DATASET_MISMATCH = 0xA900  # data set does not match the SOP class in the request
 CANNOT_UNDERSTAND = 0xC000
+INCOMPLETE = 0xC001  # cut short: an element, the pixel data or the deflate stream ends early
+TOO_LARGE = 0xC002  # over [node] max_instance_mb, or inflating beyond max_inflated_mb
+_REFUSED_AS = {
+    checks.Unreadable: CANNOT_UNDERSTAND,
+    checks.Incomplete: INCOMPLETE,
+    checks.TooLarge: TOO_LARGE,
+}
 
 
 class Refused(Exception):
@@ -76,52 +88,90 @@ def arrival_of(path: Path, size: int, header: Dataset, called_ae: str = "") -> A
     )
 
 
+@contextlib.contextmanager
+def _opened(dataset: bytes | Path) -> Iterator[BinaryIO]:
+    """``dataset`` to read from its first byte: the bytes themselves, or a Part 10 file after its meta
+    information."""
+    if isinstance(dataset, bytes):
+        yield BytesIO(dataset)
+        return
+    with dataset.open("rb") as file:
+        try:
+            checks.read_meta(file)
+        except checks.Unreadable as exc:
+            raise Refused(CANNOT_UNDERSTAND, str(exc)) from exc
+        yield file
+
+
 class Ingest:
     def __init__(self, settings: Settings, db: Database, spool: Spool, indexer: Indexer) -> None:
         self.settings = settings
         self.db = db
         self.spool = spool
         self.indexer = indexer
+        self.conflicts = Conflicts(db, spool)  # UIDs already taken elsewhere are refused
 
-    def accept(self, meta: FileMetaDataset, dataset: bytes, origin: Origin) -> Arrival:
+    def accept(self, meta: FileMetaDataset, dataset: bytes | Path, origin: Origin) -> Arrival:
         """Store one instance, its data set as it came (never decoded and re-encoded) behind the meta
         information given (Media Storage SOP Class and Instance UID as announced, Transfer Syntax),
-        to which the AE titles are added; then index it. Raises Refused, and nothing else: a failure
-        of the node's own is refused as out of resources, so the sender tries again later."""
+        to which the AE titles are added; then index it. ``dataset`` is the data set itself, or a
+        Part 10 file holding it (the listener's, received to disk; an upload), whose own meta
+        information is skipped. Raises Refused, and nothing else: a failure of the node's own is
+        refused as out of resources, so the sender tries again later."""
         try:
-            return self._accept(meta, dataset, origin)
+            with _opened(dataset) as body:
+                return self._accept(meta, body, origin)
         except Refused as refusal:
             self._audit_refusal(meta, origin, refusal)
             raise
         except Exception as exc:
-            log.exception("accepting an instance failed")
+            log.error("accepting an instance failed: %s", failure(exc))
             internal = Refused(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
             self._audit_refusal(meta, origin, internal)
             raise internal from exc
 
-    def _accept(self, meta: FileMetaDataset, dataset: bytes, origin: Origin) -> Arrival:
-        if self.spool.free_bytes() < self.settings.node.min_free_disk_mb * 1024 * 1024:
+    def _accept(self, meta: FileMetaDataset, body: BinaryIO, origin: Origin) -> Arrival:
+        start = body.tell()
+        size = body.seek(0, os.SEEK_END) - start
+        body.seek(start)
+        if self.spool.free_bytes() - size < self.settings.node.min_free_disk_mb * 1024 * 1024:
             raise Refused(OUT_OF_RESOURCES, "free disk space below the configured floor")
         meta.SourceApplicationEntityTitle = self.settings.node.ae_title  # who wrote this file
         meta.SendingApplicationEntityTitle = origin.calling_ae
         meta.ReceivingApplicationEntityTitle = origin.called_ae
-        data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), dataset))
         try:
             announced = check_uid(meta.MediaStorageSOPInstanceUID, "Affected SOP Instance UID")
-            header = dcmread(BytesIO(data), stop_before_pixels=True)
-            arrival = arrival_of(Path(), len(data), header)
-        except Exception as exc:  # whatever the parser trips on, the sender must not retry it as is
-            raise Refused(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}: {exc}") from exc
+            check_uid(meta.MediaStorageSOPClassUID, "Affected SOP Class UID")
+            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+            header = checks.inspect(body, meta, self.settings.node)
+            arrival = arrival_of(Path(), len(head) + size, header)
+        except checks.Unreadable as exc:
+            raise Refused(_REFUSED_AS[type(exc)], str(exc)) from exc
+        except InvalidUID as exc:  # names the UID, which carries no patient data
+            raise Refused(CANNOT_UNDERSTAND, str(exc)) from exc
+        except Exception as exc:  # whatever the parser trips on, the sender must not retry it as is; what
+            # pydicom says may quote the values it could not read, so the reason is the exception's type
+            raise Refused(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from exc
         if arrival.sop_uid != announced:
             raise Refused(CANNOT_UNDERSTAND, "SOPInstanceUID differs from the request's")
         if str(header.get("SOPClassUID", meta.MediaStorageSOPClassUID)) != meta.MediaStorageSOPClassUID:
             raise Refused(DATASET_MISMATCH, "SOPClassUID differs from the request's")
+        if (conflict := self.conflicts.check(arrival)) is not None:
+            raise Refused(UID_CONFLICT, conflict)
 
-        path = self.spool.store_instance(arrival.study_uid, arrival.series_uid, arrival.sop_uid, data)
-        arrival = replace(arrival, path=path)
+        body.seek(start)
+        with (
+            self.spool.staged_instance(
+                arrival.study_uid, arrival.series_uid, arrival.sop_uid, head, body
+            ) as staged,
+            self.conflicts.settling(arrival),
+        ):  # the complete file, fsynced, beside its place
+            settled = self.conflicts.settle(arrival, staged.temp)  # None: the spool has this data set
+            arrival = replace(settled or arrival, path=staged.path if settled is None else staged.commit())
         try:
             self.indexer.submit(arrival)
         except queue.Full:  # stored, but the index is far behind: slow the sender down
+            self.conflicts.unsettle(arrival)  # a correction is taken whole when sent again, or not at all
             raise Refused(OUT_OF_RESOURCES, "the database is not keeping up") from None
         return arrival
 
@@ -140,33 +190,3 @@ class Ingest:
         log.warning(
             "instance from %s refused with 0x%04X: %s", origin.calling_ae, refusal.status, refusal.reason
         )
-
-    def reconcile(self) -> int:
-        """Index spool files the database does not know (stored, then the node died before indexing
-        them), and delete partial writes, which were never acknowledged. A file that cannot be indexed
-        is set aside (node.ingest.index.set_aside), so it cannot keep the node from starting. Returns
-        how many were indexed."""
-        for leftover in self.spool.leftover_temp_files():
-            leftover.unlink(missing_ok=True)
-        with self.db.session() as session:
-            known = set(session.scalars(select(Instance.sop_uid)))
-        found = 0
-        for path in sorted(self.spool.incoming.glob("*/*/*.dcm")):
-            if path.stem in known:
-                continue
-            try:
-                header = dcmread(path, stop_before_pixels=True)
-                arrival = arrival_of(path, path.stat().st_size, header, self.settings.node.ae_title)
-            except Exception as exc:  # one damaged file must not keep the node from starting
-                log.warning("spool file %s unreadable: %s", path.name, type(exc).__name__)
-                audit.append(
-                    self.db,
-                    "instance.unreadable",
-                    outcome="failure",
-                    path=str(path),
-                    error=type(exc).__name__,
-                )
-                continue
-            if index_or_set_aside(self.db, arrival, self.settings.study, "instance.reindexed") is not None:
-                found += 1
-        return found

@@ -2,19 +2,21 @@
 
 The spool file is what makes an instance safe; the index rows only describe it, so indexing follows
 the acknowledgement, in batches, on its own thread (:class:`Indexer`). An arrival the node did not get
-to index before dying is found again by reconciliation (:meth:`node.ingest.accept.Ingest.reconcile`).
-One that cannot be indexed because of what it holds is set aside (:func:`set_aside`), never fatal.
+to index before dying is found again by reconciliation (:mod:`node.ingest.reconcile`). One that cannot
+be indexed because of what it holds is set aside (:func:`set_aside`), never fatal; while the database
+is unavailable the indexer holds what it has and tries again until it is back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from node.config import StudySettings
 from node.db import Database, Instance, Patient, Series, SeriesStatus, Study, utcnow
 from node.dicom.header import encode
 from node.ingest import completion
+from node.ingest.conflicts import PatientKey, Superseded, UIDConflict, conflict_with
+from node.privacy import failure
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,19 @@ class Arrival:
     header: Dataset
     calling_ae: str = ""
     called_ae: str = ""
+    supersedes: Superseded | None = None  # a correction: the earlier version, kept aside
+
+    @property
+    def patient(self) -> PatientKey:
+        """PatientID and PatientName as the index stores and compares them."""
+        return _text(self.header, "PatientID", 64), _text(self.header, "PatientName", 324)
 
 
 @dataclass(frozen=True)
 class Indexed:
     duplicate: bool  # the same SOP Instance UID had been stored before
-    late: bool  # arrived after its series had been routed
+    identical: bool  # a duplicate with the same data set: nothing changed
+    late: bool  # arrived after its series had been routed (a correction counts as late)
     series_ready: bool  # the series is complete now (see node.ingest.completion)
 
 
@@ -69,25 +80,44 @@ def storable(value: str) -> str:
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    return storable(str(ds.get(keyword, "") or ""))[:limit]
+    """A text element as the index stores it; one the sender encoded so that pydicom cannot read it
+    (a name sent with VR FD, an unknown VR) counts as absent rather than keep the instance out."""
+    try:
+        value = ds.get(keyword, "")
+    except Exception as exc:
+        log.warning("%s unreadable, indexed as empty: %s", keyword, type(exc).__name__)
+        return ""
+    return storable(str(value or ""))[:limit]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     """An IS value as a database integer; out of the 32-bit range (legal in IS) counts as absent."""
     try:
         value = int(ds.get(keyword))
-    except (TypeError, ValueError):
+    except Exception:  # not a number, "1e999" read as infinity, an element pydicom cannot read
         return None
     return value if -(2**31) <= value < 2**31 else None
 
 
 def index_arrival(session: Session, arrival: Arrival, study_settings: StudySettings) -> Indexed:
-    """Insert or update the rows for one stored instance; its series' readiness follows."""
+    """Insert or update the rows for one stored instance; its series' readiness follows. Raises
+    UIDConflict, having changed nothing, for an instance whose UIDs are taken elsewhere
+    (node.ingest.conflicts): one accepted while the database could not be asked."""
     now = utcnow()
     ds = arrival.header
     study = session.scalar(select(Study).where(Study.study_uid == arrival.study_uid))
+    series = session.scalar(select(Series).where(Series.series_uid == arrival.series_uid))
+    instance = session.scalar(select(Instance).where(Instance.sop_uid == arrival.sop_uid))
+    conflict = conflict_with(
+        arrival,
+        (study.patient.patient_id, study.patient.patient_name) if study else None,
+        series.study.study_uid if series else None,
+        (instance.series.study.study_uid, instance.series.series_uid) if instance else None,
+    )
+    if conflict is not None:
+        raise conflict
     if study is None:
-        patient_id, patient_name = _text(ds, "PatientID", 64), _text(ds, "PatientName", 324)
+        patient_id, patient_name = arrival.patient
         # ID and name together: an empty or reused ID must not merge two people's studies.
         patient = session.scalar(
             select(Patient).where(Patient.patient_id == patient_id, Patient.patient_name == patient_name)
@@ -106,7 +136,6 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
         session.add(study)
     study.last_received_at = now
 
-    series = session.scalar(select(Series).where(Series.series_uid == arrival.series_uid))
     if series is None:
         series = Series(
             series_uid=arrival.series_uid,
@@ -118,40 +147,51 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
             calling_ae=storable(arrival.calling_ae),
             called_ae=storable(arrival.called_ae),
             header=encode(ds),
+            status=SeriesStatus.RECEIVING,  # read below, before a flush would set the default
             first_received_at=now,
         )
         session.add(series)
 
-    instance = session.scalar(select(Instance).where(Instance.sop_uid == arrival.sop_uid))
     duplicate = instance is not None
     if instance is None:
-        session.add(
-            Instance(
-                sop_uid=arrival.sop_uid,
-                series=series,
-                sop_class_uid=storable(arrival.sop_class_uid),
-                transfer_syntax=storable(arrival.transfer_syntax),
-                instance_number=_int(ds, "InstanceNumber"),
-                path=str(arrival.path),
-                size=arrival.size,
-                received_at=now,
-            )
-        )
+        instance = Instance(sop_uid=arrival.sop_uid, series=series, times_received=1)
+        session.add(instance)
         series.instance_count = (series.instance_count or 0) + 1
     else:
         instance.times_received += 1
-        instance.received_at = now
+    instance.received_at = now
+    if not duplicate or arrival.supersedes is not None:  # describe what the file now holds
+        instance.sop_class_uid = storable(arrival.sop_class_uid)
         instance.transfer_syntax = storable(arrival.transfer_syntax)
+        instance.instance_number = _int(ds, "InstanceNumber")
+        instance.path = str(arrival.path)
         instance.size = arrival.size
-        if instance.series_fk != series.id or instance.path != str(arrival.path):
-            # The same SOP Instance UID re-sent under another series: it belongs where it now is.
-            instance.series.instance_count -= 1
-            instance.series = series
-            instance.path = str(arrival.path)
-            series.instance_count = (series.instance_count or 0) + 1
+    if arrival.supersedes is not None:
+        audit.record(
+            session,
+            "instance.replaced",
+            **_about(arrival),
+            kept_at=arrival.supersedes.kept_at,
+            old_bytes=arrival.supersedes.old_size,
+            old_sha256=arrival.supersedes.old_sha256,
+            new_bytes=arrival.supersedes.new_size,
+            new_sha256=arrival.supersedes.new_sha256,
+        )
+    identical = duplicate and arrival.supersedes is None
+    late = completion.arrived(series, study_settings, now, identical)
+    return Indexed(
+        duplicate=duplicate, identical=identical, late=late, series_ready=series.status == SeriesStatus.READY
+    )
 
-    late = completion.arrived(series, study_settings, now, duplicate)
-    return Indexed(duplicate=duplicate, late=late, series_ready=series.status == SeriesStatus.READY)
+
+def _about(arrival: Arrival) -> dict[str, str]:
+    """Who sent an arrival and what it is, as every audit event about it names them."""
+    return {
+        "actor": storable(arrival.calling_ae),
+        "study_uid": arrival.study_uid,
+        "series_uid": arrival.series_uid,
+        "sop_uid": arrival.sop_uid,
+    }
 
 
 def index_arrivals(
@@ -162,17 +202,26 @@ def index_arrivals(
     ready = False
     with db.session() as session:
         for arrival in arrivals:
+            if not arrival.path.is_file():
+                # Deleted between its acknowledgement and now (its study deleted by an admin or by
+                # retention while a sender re-sent it): a row would point at nothing.
+                audit.record(
+                    session,
+                    "instance.gone",
+                    outcome="failure",
+                    **_about(arrival),
+                    reason="its file was deleted before it was indexed",
+                )
+                continue
             indexed = index_arrival(session, arrival, study_settings)
             ready = ready or indexed.series_ready
             audit.record(
                 session,
                 action,
-                actor=storable(arrival.calling_ae),
-                study_uid=arrival.study_uid,
-                series_uid=arrival.series_uid,
-                sop_uid=arrival.sop_uid,
+                **_about(arrival),
                 bytes=arrival.size,
                 duplicate=indexed.duplicate,
+                identical=indexed.identical,
                 late=indexed.late,
             )
             session.flush()  # the next arrival of the batch sees this one's rows
@@ -193,17 +242,21 @@ def set_aside(db: Database, arrival: Arrival, reason: str) -> None:
         db,
         "instance.set_aside",
         outcome="failure",
-        actor=storable(arrival.calling_ae),
-        study_uid=arrival.study_uid,
-        series_uid=arrival.series_uid,
-        sop_uid=arrival.sop_uid,
+        **_about(arrival),
         path=str(path),
         moved_to=str(target or ""),
         reason=reason,
     )
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            if path.exists():  # the quarantine folder went: the node's own failure, tried again
+                raise
+            # Gone meanwhile (its study deleted): nothing left to set aside. Raising would have the
+            # indexer retry this arrival, and everything queued behind it, for ever.
+            log.warning("instance %s was gone before it could be set aside", path.name)
 
 
 def index_or_set_aside(
@@ -216,81 +269,207 @@ def index_or_set_aside(
         return index_arrivals(db, [arrival], study_settings, action)
     except DATABASE_UNAVAILABLE:
         raise
-    except Exception as exc:  # what the exception says may quote patient data: its type is the reason
-        log.exception("instance %s cannot be indexed; it is set aside", arrival.path.name)
-        set_aside(db, arrival, f"cannot be indexed: {type(exc).__name__}")
+    except Exception as exc:  # what the exception says may quote patient data: its type is the reason,
+        # except for a UID conflict, whose message names only its kind and the UIDs
+        log.error("instance %s cannot be indexed; it is set aside: %s", arrival.path.name, failure(exc))
+        reason = str(exc) if isinstance(exc, UIDConflict) else f"cannot be indexed: {type(exc).__name__}"
+        set_aside(db, arrival, reason)
         return None
+
+
+@dataclass(frozen=True)
+class Unindexed:
+    """What was acknowledged and is not indexed yet (queued, or waiting for the database): none of its
+    series may be declared complete, nor its study stable, and reconciliation leaves its files to the
+    indexer."""
+
+    study_uids: frozenset[str]
+    series_uids: frozenset[str]
+    paths: frozenset[Path]
+    since: float | None  # the earliest of their times handed over, or written (time.time()); None: nothing
+
+
+@dataclass(frozen=True)
+class _Queued:
+    ticket: int  # the key of its entry among the pending
+    arrival: Arrival
+    action: str  # its audit action: stored, or reindexed (found by reconciliation)
+
+
+@dataclass
+class _Outage:
+    started: float  # time.monotonic()
+    error: str  # the exception's type: its text may quote patient data
+    waiting: int = 0  # the most arrivals held unindexed at once
 
 
 class Indexer:
     """Indexes arrivals in batches on its own thread, after they were acknowledged: one database
-    transaction per burst instead of one per instance."""
+    transaction per burst instead of one per instance. While the database is unavailable it keeps what
+    it holds and tries again, backing off, until the database is back, then audits the outage once:
+    nothing acknowledged is dropped. What it keeps is the Arrival (a header; its file is safe on disk),
+    at most ``QUEUED`` of them: then ``submit`` refuses, and the sender is told to try later."""
 
     BATCH = 200
+    QUEUED = 10_000
+    RETRY_FIRST, RETRY_MAX = 0.5, 4.0  # seconds between tries while the database is unavailable
+    STOP_WAIT = 60.0  # seconds stop() waits for the thread: what is left is indexed at the next start
 
     def __init__(self, db: Database, study_settings: StudySettings, on_ready: Callable[[], None]) -> None:
         self.db = db
         self.study_settings = study_settings
         self.on_ready = on_ready
-        self._queue: queue.Queue[Arrival | None] = queue.Queue(maxsize=10_000)
+        self._queue: queue.Queue[_Queued | None] = queue.Queue(maxsize=self.QUEUED)
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[Arrival, float]] = {}  # by ticket: the arrival, since when
+        self._tickets = itertools.count()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, arrival: Arrival, timeout: float = 30.0) -> None:
-        """Queue one arrival; raises queue.Full when the database has fallen far behind."""
-        self._queue.put(arrival, timeout=timeout)
+    def submit(
+        self,
+        arrival: Arrival,
+        timeout: float = 30.0,
+        action: str = "instance.stored",
+        since: float | None = None,
+    ) -> None:
+        """Queue one arrival; raises queue.Full when the database has fallen far behind (the file stays
+        in the spool, where reconciliation finds it). ``since``: when its file was written, where that
+        is long before now (one reconciliation found), so that the watermark stays behind the file."""
+        with self._lock:
+            ticket = next(self._tickets)
+            self._pending[ticket] = (arrival, time.time() if since is None else since)
+        try:
+            self._queue.put(_Queued(ticket, arrival, action), timeout=timeout)
+        except queue.Full:
+            self._done([ticket])
+            raise
+
+    def unindexed(self) -> Unindexed:
+        """A snapshot of what was handed over and is not indexed (or set aside) yet."""
+        with self._lock:
+            held = list(self._pending.values())
+        return Unindexed(
+            study_uids=frozenset(arrival.study_uid for arrival, _ in held),
+            series_uids=frozenset(arrival.series_uid for arrival, _ in held),
+            paths=frozenset(arrival.path for arrival, _ in held),
+            since=min((since for _, since in held), default=None),
+        )
 
     def stop(self) -> None:
-        """Index what is queued, then stop."""
-        self._queue.put(None)
-        self._thread.join(timeout=60)
+        """Index what is queued, then stop; while the database is unavailable, stop at once: what is
+        left is in the spool, and reconciliation at the next start indexes it."""
+        self._stopping.set()
+        deadline = time.monotonic() + self.STOP_WAIT
+        # Full: the thread is draining, has given up, or hangs in the database; never wait for ever.
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=1)
+                break
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning(
+                "the indexer did not stop in %.0f s: what it holds is indexed at the next start",
+                self.STOP_WAIT,
+            )
+
+    def _done(self, tickets: Iterable[int]) -> None:
+        with self._lock:
+            for ticket in tickets:
+                self._pending.pop(ticket, None)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            item = self._queue.get()
-            stopping = item is None
-            batch = [] if item is None else [item]
-            while not stopping and len(batch) < self.BATCH:
+            batch: list[_Queued] = []
+            while len(batch) < self.BATCH:
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(block=not batch)
                 except queue.Empty:
                     break
                 if item is None:
                     stopping = True
-                else:
-                    batch.append(item)
-            try:
-                if batch and self._index(batch):
-                    self.on_ready()
-            except Exception:  # never let the indexer thread die
-                log.exception("indexer step failed")
+                    break
+                batch.append(item)
+            if batch and not self._index_until_done(batch):
+                return
 
-    def _index(self, batch: list[Arrival]) -> bool:
-        """Index a batch in one transaction; after repeated failures, one arrival at a time, setting
-        aside (and auditing) any that cannot be indexed. Returns whether a series became ready."""
-        for attempt in range(3):
+    def _index_until_done(self, batch: list[_Queued]) -> bool:
+        """Index ``batch``, trying again, backing off, while that fails for a reason of the node's own
+        (the database, or the quarantine folder), never the arrival's. Returns False when the node
+        stops first."""
+        delay, outage = self.RETRY_FIRST, None
+        while True:
             try:
-                return index_arrivals(self.db, batch, self.study_settings)
-            except Exception:  # the database is down or busy: the files are safe, try again
-                log.exception("indexing %d arrival(s) failed (attempt %d)", len(batch), attempt + 1)
-                time.sleep(0.5 * 2**attempt)
-        ready = False
-        for arrival in batch:
-            try:
-                ready = bool(index_or_set_aside(self.db, arrival, self.study_settings)) or ready
-            except Exception as exc:
-                log.exception("arrival could not be indexed; it stays in the spool")
-                with contextlib.suppress(Exception):
-                    audit.append(
-                        self.db,
-                        "instance.index_failed",
-                        outcome="failure",
-                        study_uid=arrival.study_uid,
-                        sop_uid=arrival.sop_uid,
-                        path=str(arrival.path),
-                        error=type(exc).__name__,
+                ready = self._index(batch)
+                break
+            except Exception as exc:  # never let the indexer thread die
+                with self._lock:
+                    waiting = len(self._pending)
+                if outage is None:
+                    outage = _Outage(time.monotonic(), type(exc).__name__)
+                    log.error(
+                        "indexing failed; %d instance(s) wait in the spool, tried again: %s",
+                        waiting,
+                        failure(exc),
                     )
+                else:
+                    log.warning("indexing still fails (%s); %d instance(s) wait", type(exc).__name__, waiting)
+                outage.waiting = max(outage.waiting, waiting)
+                if self._stopping.wait(delay):
+                    log.warning("stopping with %d instance(s) unindexed: indexed at the next start", waiting)
+                    return False
+                delay = min(2 * delay, self.RETRY_MAX)
+        if outage is not None:
+            self._audit_outage(outage)
+        if ready:
+            try:
+                self.on_ready()
+            except Exception:  # waking the next step early is an optimisation: it runs on its tick too
+                log.exception("waking routing failed")
+        return True
+
+    def _audit_outage(self, outage: _Outage) -> None:
+        seconds = round(time.monotonic() - outage.started, 1)
+        log.warning("indexing resumed after %.1f s; %d instance(s) had waited", seconds, outage.waiting)
+        try:
+            audit.append(
+                self.db,
+                "index.outage",
+                outcome="failure",
+                seconds=seconds,
+                instances_waiting=outage.waiting,
+                error=outage.error,
+            )
+        except Exception:  # the database failing again: the log line above keeps the figures
+            log.exception("could not audit the indexing outage")
+
+    def _index(self, batch: list[_Queued]) -> bool:
+        """Index ``batch``, removing each arrival from it once indexed or set aside: those with the same
+        action in one transaction; when that fails for a reason other than the database, one at a
+        time, setting aside (and auditing) any that cannot be indexed. Raises when the node failed,
+        what is left in ``batch`` to be tried again. Returns whether a series became ready."""
+        ready = False
+        while batch:
+            action = batch[0].action
+            size = next((i for i, queued in enumerate(batch) if queued.action != action), len(batch))
+            group = batch[:size]
+            try:
+                made_ready = index_arrivals(self.db, [q.arrival for q in group], self.study_settings, action)
+            except DATABASE_UNAVAILABLE:
+                raise
+            except Exception as exc:
+                log.error("indexing %d arrival(s) together failed, each tried alone: %s", size, failure(exc))
+                for queued in group:
+                    alone = index_or_set_aside(self.db, queued.arrival, self.study_settings, action)
+                    ready = ready or bool(alone)
+                    batch.pop(0)
+                    self._done([queued.ticket])
+                continue
+            ready = ready or made_ready
+            del batch[:size]
+            self._done(q.ticket for q in group)
         return ready

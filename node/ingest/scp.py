@@ -1,9 +1,11 @@
 """The DICOM listener: Storage SCP and Verification SCP (pynetdicom).
 
-Access control (called AE, calling-AE allow-list) and association limits are pynetdicom's, set in
-node.dicom.network; each C-STORE's bytes go to :meth:`~node.ingest.accept.Ingest.accept` as they came.
-A C-STORE is answered Success only once accept returns; everything else gets the Storage Service
-status it raised, and an audit entry. No exception escapes into pynetdicom.
+Access control (called AE, calling-AE allow-list, tied to addresses where configured) and the limits
+that keep the listener answering (node.dicom.limits) are set in node.dicom.network; every refusal is
+audited and logged once per source per interval (node.ingest.refusals). Each C-STORE's bytes go to
+:meth:`~node.ingest.accept.Ingest.accept` as they came. A C-STORE is answered Success only once accept
+returns; everything else gets the Storage Service status it raised, and an audit entry. No exception
+escapes into pynetdicom.
 """
 
 from __future__ import annotations
@@ -11,15 +13,31 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydicom import Dataset
 from pynetdicom import evt
+from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import audit
 from node.config import Settings
 from node.db import Database
-from node.dicom.network import SOCKET_HANDLERS, listening_ae
+from node.dicom.limits import ListenerGuard, ListenerLoad
+from node.dicom.network import (
+    SOCKET_HANDLERS,
+    calling_ae_allowed,
+    contain_failures,
+    discard_partial_data_set,
+    listening_ae,
+    receive_to_disk,
+)
+from node.dicom.tls import listener_handlers, server_context
 from node.ingest.accept import OUT_OF_RESOURCES, Ingest, Origin, Refused
+from node.ingest.refusals import Refusal, RefusalLog
+from node.privacy import failure
 
 log = logging.getLogger(__name__)
+
+BROKEN = "association.aborted"  # the audit action of an association aborted for a malformed request
 
 SUCCESS = 0x0000
 
@@ -40,46 +58,126 @@ class Receiver:
         self.settings = settings
         self.db = db
         self.ingest = ingest
-        self._server: ThreadedAssociationServer | None = None
+        self._servers: list[ThreadedAssociationServer] = []
+        self.refusals = RefusalLog(self._write_refusal, settings.node.refusal_audit_seconds)
+        self.guard = ListenerGuard(settings.node, self.refusals.note)
 
     def start(self) -> None:
-        node = self.settings.node
-        self._server = listening_ae(node).start_server(
-            (node.dicom_host, node.dicom_port),
+        """The plain listener, and beside it the DICOM TLS one where ``[tls] dicom_port`` is set: many
+        modalities cannot do TLS, so TLS is a port of its own (DICOM's 2762), not a switch of the one."""
+        node, tls = self.settings.node, self.settings.tls
+        receive_to_disk(self.ingest.spool.receiving)  # C-STORE data sets to disk, not to memory
+        self.refusals.start()
+        self._listen(node.dicom_host, node.dicom_port, [])
+        if tls.dicom_port:
+            context = server_context(tls, client_certificates=True)
+            handshake = listener_handlers(context, node.association_setup_seconds, self._on_tls_refused)
+            self._listen(tls.dicom_host or node.dicom_host, tls.dicom_port, handshake)
+
+    def _listen(self, host: str, port: int, first_handlers: list[EventHandlerType]) -> None:
+        server = listening_ae(self.settings.node, self.guard).start_server(
+            (host, port),
             block=False,
             evt_handlers=[
+                (evt.EVT_CONN_OPEN, self.guard.adopt),  # first: counts the connection's threads
+                (evt.EVT_CONN_OPEN, lambda event: contain_failures(event.assoc, self._on_broken)),
+                (evt.EVT_REQUESTED, self.guard.requested),  # first: ends a connection aborted in set-up
+                *first_handlers,
                 *SOCKET_HANDLERS,
+                (evt.EVT_REQUESTED, self._on_requested),
                 (evt.EVT_ACCEPTED, self._on_accepted),
                 (evt.EVT_REJECTED, self._on_rejected),
                 (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_CONN_CLOSE, lambda event: discard_partial_data_set(event.assoc)),
             ],
         )
-        log.info("DICOM listener %s on %s:%d", node.ae_title, node.dicom_host, node.dicom_port)
+        assert server is not None  # non-blocking: pynetdicom returns the running server
+        self._servers.append(server)
+        tls = " (TLS)" if first_handlers else ""
+        log.info("DICOM listener %s on %s:%d%s", self.settings.node.ae_title, host, port, tls)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
+        self.refusals.stop()
 
-    def _on_accepted(self, event: Any) -> None:
-        _origin(event).audit(self.db, "association.accepted")
+    def load(self) -> ListenerLoad:
+        """Connections open now, all listeners together, against ``max_associations`` (/healthz)."""
+        return self.guard.load()
 
-    def _on_rejected(self, event: Any) -> None:
-        origin = _origin(event)
-        origin.audit(self.db, "association.rejected", "failure", called_ae=origin.called_ae)
+    def _write_refusal(self, refusal: Refusal) -> None:
+        """One audit entry and one log line for a source's refusals (see node.ingest.refusals)."""
+        audit.append(
+            self.db,
+            refusal.action,
+            actor=refusal.calling_ae,
+            outcome="failure",
+            address=refusal.address,
+            reason=refusal.reason,
+            count=refusal.count,
+        )
         log.warning(
-            "association from %s rejected (calling %s, called %s)",
-            origin.address,
-            origin.calling_ae,
-            origin.called_ae,
+            "%s from %s (calling %s): %s (%d time(s))",
+            refusal.action,
+            refusal.address,
+            refusal.calling_ae or "-",
+            refusal.reason,
+            refusal.count,
         )
 
-    def _on_store(self, event: Any) -> int:
+    def _on_broken(self, assoc: Any, exc: Exception) -> None:
+        """An association aborted because pynetdicom could not act on what the peer sent."""
+        self.refusals.note(assoc.requestor.address, f"malformed request: {type(exc).__name__}", action=BROKEN)
+
+    def _on_tls_refused(self, event: Any, reason: str) -> None:
+        self.refusals.note(event.assoc.requestor.address, reason, action="association.tls_refused")
+
+    def _on_requested(self, event: Any) -> None:
+        """A calling AE tied to addresses, from another: rejected as one not recognised (PS3.8)."""
+        assoc = event.assoc
+        if assoc.is_aborted:  # by the guard
+            return
+        calling_ae = assoc.requestor.primitive.calling_ae_title.strip()
+        if not calling_ae_allowed(self.settings.node, calling_ae, assoc.requestor.address):
+            assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            self.refusals.note(
+                assoc.requestor.address, "calling AE not allowed from this address", calling_ae
+            )
+            assoc.kill()
+
+    def _on_accepted(self, event: Any) -> None:
+        """Audited with the SOP classes whose contexts were rejected (``unknown_sop_classes = "refuse"``)."""
+        refused = sorted(str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts)
+        detail: dict[str, Any] = {"refused_sop_classes": refused} if refused else {}
+        _origin(event).audit(self.db, "association.accepted", **detail)
+
+    def _on_rejected(self, event: Any) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        if request.called_ae_title.strip() != assoc.acceptor.ae_title.strip():
+            reason = f"called AE {request.called_ae_title.strip()!r} is not this node's"
+        elif (
+            assoc.ae.require_calling_aet
+            and request.calling_ae_title.strip() not in assoc.ae.require_calling_aet
+        ):
+            reason = "calling AE not allowed"
+        else:
+            reason = f"over max_associations ({assoc.ae.maximum_associations})"
+        self.refusals.note(assoc.requestor.address, reason, request.calling_ae_title.strip())
+
+    def _on_store(self, event: Any) -> int | Dataset:
+        """The data set was received to a file (see node.dicom.network.receive_to_disk), which
+        pynetdicom deletes once this returns. A refusal's reason goes back as the Error Comment, so
+        the sender's log says why."""
         try:
-            self.ingest.accept(event.file_meta, event.encoded_dataset(include_meta=False), _origin(event))
+            self.ingest.accept(event.file_meta, event.dataset_path, _origin(event))
         except Refused as refusal:  # accept audits its refusals and raises nothing else
-            return refusal.status
-        except Exception:  # pynetdicom could not hand the request over: the sender tries again later
-            log.exception("C-STORE request unreadable")
+            status = Dataset()
+            status.Status = refusal.status
+            status.ErrorComment = refusal.reason[:64]
+            return status
+        except Exception as exc:  # pynetdicom could not hand the request over: the sender tries again later
+            log.error("C-STORE request unreadable: %s", failure(exc))
             return OUT_OF_RESOURCES
         return SUCCESS

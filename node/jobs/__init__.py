@@ -3,7 +3,7 @@ local process pool in :mod:`.local`), and what one job does (:mod:`.run`). Impor
 registers the built-in executor."""
 
 from node.jobs import local
-from node.jobs.executor import Executor, ExecutorContext, create_executor, dispatch, register_executor
+from node.jobs.executor import Executor, ExecutorContext, create_executor, dispatch, register_executor, watch
 from node.jobs.store import Claim, JobFailed, JobStore
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "dispatch",
     "local",
     "register_executor",
+    "watch",
 ]

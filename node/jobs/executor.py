@@ -4,6 +4,10 @@ The node claims queued jobs from the store (:mod:`node.jobs.store`) as long as t
 and submits them; the executor runs them — in local worker processes (``local``, the embedded
 default), or wherever another implementation sends them — and records each outcome through the store.
 An executor registers itself by name with :func:`register_executor`; ``[jobs] executor`` chooses one.
+
+Each claim carries its time limit, which the executor enforces. :func:`watch`, the watchdog, is the
+backstop for what an executor cannot see: a job left running in the database that nobody runs any more
+(its slot died, recording its outcome failed, the executor lost it), or one whose stop never came.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Protocol
 
 from node.config import Settings
 from node.jobs.run import Task
-from node.jobs.store import Claim, JobStore
+from node.jobs.store import Claim, JobFailed, JobStore
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -32,8 +36,9 @@ class Executor(Protocol):
         """Run a claimed job; its outcome is recorded through the store (finish, fail or hand back)."""
         ...
 
-    def cancel(self, job_id: int) -> None:
-        """Stop running a job if it runs here. Its outcome is not recorded: the caller decides it."""
+    def cancel(self, job_id: int) -> bool:
+        """Stop running a job if it runs here; returns whether it did (False: not here, or it cannot be
+        stopped). Its outcome is not recorded: the caller decides it."""
         ...
 
     def shutdown(self) -> None:
@@ -98,3 +103,17 @@ def dispatch(store: JobStore, executor: Executor) -> int:
             break
         submitted += 1
     return submitted
+
+
+def watch(store: JobStore, executor: Executor) -> int:
+    """The watchdog: fail every job running past its time limit plus the grace, and stop it where it
+    still runs. One the executor still ran has outrun its limit (a ``timeout``); one it did not run was
+    lost (``lost``, retried like a crash). Returns how many."""
+    overdue = store.overdue()
+    for job in overdue:
+        said = f"running {job.running:.0f} s, past its limit of {job.time_limit:.0f} s"
+        if executor.cancel(job.job_id):
+            store.fail(job.job_id, JobFailed("timeout", f"{said}; stopped by the watchdog"))
+        else:
+            store.fail(job.job_id, JobFailed("lost", f"{said}, and the executor was not running it"))
+    return len(overdue)

@@ -1,8 +1,9 @@
 """The embedded executor: jobs run in worker processes on this machine, one per slot.
 
-Each slot is a thread of the node driving its own process: a job that crashes its process, hangs
-past ``jobs.timeout_seconds`` or raises fails alone, and the slot starts a fresh process. Processes
-are started with ``spawn`` (no fork of a threaded parent) and keep their models loaded between jobs.
+Each slot is a thread of the node driving its own process: a job that crashes its process, runs past
+its time limit (scaled to its series: :func:`node.jobs.store.time_limit`) or raises fails alone, and the
+slot starts a fresh process. Processes are started with ``spawn`` (no fork of a threaded parent) and
+keep their models loaded between jobs.
 """
 
 from __future__ import annotations
@@ -63,15 +64,20 @@ class WorkerSlot:
         if self._process is None or not self._process.is_alive() or self._conn is None:
             self.close()
             parent, child = self._context.Pipe()
-            self._process = self._context.Process(
+            process = self._context.Process(
                 target=_worker_main,
                 args=(child, self._torch_threads, self._plugins, self._work),
                 daemon=True,
                 name="ainode-worker",
             )
-            self._process.start()
-            child.close()
-            self._conn = parent
+            try:  # kept only once started: closing a process never started would raise, not fail the job
+                process.start()
+            except BaseException:
+                parent.close()
+                raise
+            finally:
+                child.close()
+            self._process, self._conn = process, parent
         return self._conn
 
     def run(self, task: Task, timeout: float) -> JobOutput:
@@ -153,14 +159,15 @@ class LocalPool:
             self._outstanding.add(claim.spec.job_id)
         self._queue.put(claim)
 
-    def cancel(self, job_id: int) -> None:
+    def cancel(self, job_id: int) -> bool:
         with self._lock:
             if job_id not in self._outstanding:
-                return
+                return False
             self._cancelled.add(job_id)
             slot = self._running.get(job_id)
             if slot is not None:
                 slot.interrupt()
+            return True
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -188,7 +195,7 @@ class LocalPool:
                 elif not cancelled:  # submitted, never started: not the job's fault (a cancelled job's
                     # canceller decides what becomes of it)
                     self.context.store.hand_back(job_id, "node stopping before the job started")
-            except Exception:  # recording the outcome failed: the job stays running until restart
+            except Exception:  # recording the outcome failed: the job stays running; the watchdog fails it
                 log.exception("job %d: recording its outcome failed", job_id)
             finally:
                 with self._lock:
@@ -204,7 +211,7 @@ class LocalPool:
         store, job_id = self.context.store, claim.spec.job_id
         output: JobOutput | JobFailed
         try:
-            output = slot.run(self.context.task(claim), self.context.settings.jobs.timeout_seconds)
+            output = slot.run(self.context.task(claim), claim.time_limit)
         except JobFailed as failure:
             output = failure
         except Exception as exc:  # e.g. the worker could not start

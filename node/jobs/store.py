@@ -1,18 +1,24 @@
 """The job state machine, in the database: queued → running → done | failed.
 
 Every executor drives jobs through this one store, and the API and dashboard only read it: a job is
-claimed (running, one attempt more), then finished (results recorded, one send per result and
-destination: the outbox), failed (queued again while attempts remain and the failure is worth
-retrying), or handed back uncounted when the node stops under it. Each transition is one short
-transaction with its audit events.
+claimed (running, one attempt more, with a time limit scaled to its series), then finished (results
+recorded, one send per result and destination: the outbox), failed (queued again while attempts remain
+and the failure is worth retrying), or handed back uncounted when the node stops under it. Each
+transition is one short transaction with its audit events.
+
+Jobs are claimed oldest first; a job that has had an attempt goes back in line as of when that attempt
+started: behind every job queued before it, ahead of those queued since. A series that crashes or runs
+out of time costs each other job at most one attempt's wait, and a steady stream of new jobs never
+keeps a retry from running.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from node import audit
@@ -32,6 +38,21 @@ class JobFailed(Exception):
 
 
 NOT_RETRIED = ("model_refused", "model_missing")  # running it again cannot help
+# A job that ran out of time once will very likely do so again, holding a worker all the while: it is
+# retried only within ``timeout_max_attempts`` (by default never).
+TIMED_OUT = ("timeout",)
+MB = 1024 * 1024
+
+
+def time_limit(settings: JobSettings, instances: int, size: int) -> float:
+    """Seconds a job over ``instances`` files of ``size`` bytes in all may run: the base, plus its share
+    per image and per MB (frames are counted by their bytes), capped."""
+    scaled = (
+        settings.timeout_base_seconds
+        + settings.timeout_per_instance_seconds * instances
+        + settings.timeout_per_mb_seconds * size / MB
+    )
+    return min(scaled, settings.timeout_seconds)
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,16 @@ class Claim:
 
     spec: JobSpec
     files: list[str]
+    time_limit: float  # seconds; the executor stops the job after this and fails it as a timeout
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """A job still running past its time limit and the watchdog's grace."""
+
+    job_id: int
+    time_limit: float
+    running: float  # seconds since its attempt started
 
 
 class JobStore:
@@ -49,9 +80,15 @@ class JobStore:
         self.settings = settings
 
     def claim(self) -> Claim | None:
-        """The oldest queued job, now running, or None when there is none."""
+        """The queued job first in line — queued first, a retry as of its last attempt's start — now
+        running; None when there is none."""
         with self.db.session() as session:
-            job = session.scalar(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id).limit(1))
+            job = session.scalar(
+                select(Job)
+                .where(Job.status == JobStatus.QUEUED)
+                .order_by(func.coalesce(Job.started_at, Job.created_at), Job.id)
+                .limit(1)
+            )
             if job is None:
                 return None
             claimed = session.execute(
@@ -62,12 +99,13 @@ class JobStore:
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 return None  # another dispatcher took it
             session.refresh(job)
-            files = session.scalars(
-                select(Instance.path)
+            files = session.execute(
+                select(Instance.path, Instance.size)
                 .join(job_series, job_series.c.series_fk == Instance.series_fk)
                 .where(job_series.c.job_fk == job.id)
                 .order_by(Instance.series_fk, Instance.id)
             ).all()
+            limit = time_limit(self.settings, len(files), sum(size for _, size in files))
             audit.record(
                 session,
                 "job.started",
@@ -76,6 +114,7 @@ class JobStore:
                 route=job.route,
                 model=job.model,
                 attempt=job.attempts,
+                time_limit=round(limit),
             )
             spec = JobSpec(
                 job_id=job.id,
@@ -86,7 +125,7 @@ class JobStore:
                 options=dict(job.options),
                 outputs=[OutputSpec.model_validate(output) for output in job.outputs],
             )
-            return Claim(spec, list(files))
+            return Claim(spec, [path for path, _ in files], limit)
 
     def finish(self, job_id: int, output: JobOutput) -> None:
         """Record a job's results, and queue a send of each to each of the job's destinations."""
@@ -142,7 +181,7 @@ class JobStore:
             job = _running(session, job_id)
             if job is None:
                 return False
-            retry = failure.kind not in NOT_RETRIED and job.attempts < self.settings.max_attempts
+            retry = job.attempts < self._attempts_allowed(failure.kind)
             job.status = JobStatus.QUEUED if retry else JobStatus.FAILED
             job.error = str(failure)[:4000]
             job.finished_at = None if retry else utcnow()
@@ -170,6 +209,42 @@ class JobStore:
             )
         log.warning("job %d failed (%s)%s", job_id, failure.kind, "; will retry" if retry else "")
         return retry
+
+    def _attempts_allowed(self, kind: str) -> int:
+        if kind in NOT_RETRIED:
+            return 0
+        if kind in TIMED_OUT:
+            return min(self.settings.max_attempts, self.settings.timeout_max_attempts)
+        return self.settings.max_attempts
+
+    def overdue(self) -> list[Overdue]:
+        """Running jobs whose attempt started longer ago than their time limit plus the watchdog's grace
+        (an executor stops a job at its limit; one still running after the grace was lost or is stuck)."""
+        now, grace = utcnow(), self.settings.watchdog_grace_seconds
+        shortest = min(self.settings.timeout_base_seconds, self.settings.timeout_seconds)
+        with self.db.session() as session:
+            rows = session.execute(
+                select(Job.id, Job.started_at).where(
+                    Job.status == JobStatus.RUNNING,
+                    Job.started_at < now - timedelta(seconds=shortest + grace),
+                )
+            )
+            running = {job_id: (now - at).total_seconds() for job_id, at in rows if at is not None}
+            if not running:
+                return []
+            sizes = session.execute(
+                select(job_series.c.job_fk, func.count(Instance.id), func.sum(Instance.size))
+                .join(Instance, Instance.series_fk == job_series.c.series_fk)
+                .where(job_series.c.job_fk.in_(running))
+                .group_by(job_series.c.job_fk)
+            )
+            limits = {job_id: time_limit(self.settings, count, int(size)) for job_id, count, size in sizes}
+        default = time_limit(self.settings, 0, 0)  # a job whose series has no instance left
+        return [
+            Overdue(job_id, limits.get(job_id, default), seconds)
+            for job_id, seconds in sorted(running.items())
+            if seconds > limits.get(job_id, default) + grace
+        ]
 
     def hand_back(self, job_id: int, reason: str) -> None:
         """Queue a running job again without counting its attempt: it was interrupted through no
@@ -223,14 +298,21 @@ def rerun_study(db: Database, study_uid: str, actor: str) -> list[int]:
 
 def _running(session: Session, job_id: int) -> Job | None:
     """The job, if it is still running: an outcome is recorded only for a job that was claimed and
-    whose state nobody has decided since (a cancelled and deleted job, say)."""
-    job = session.get(Job, job_id)
-    if job is None or job.status != JobStatus.RUNNING:
+    whose state nobody has decided since (a cancelled and deleted job, say). The check is a write, so
+    the row stays locked until the transaction ends and the watchdog and a slot ending the job at that
+    moment cannot both decide: SQLite ignores FOR UPDATE and reads outside the transaction, and a
+    job read as running there could be decided twice (failed with its results queued to send)."""
+    locked = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(status=JobStatus.RUNNING)
+    )
+    if locked.rowcount != 1:  # type: ignore[attr-defined]
         log.warning("job %d is no longer running; its outcome is not recorded", job_id)
         return None
-    return job
+    return session.get(Job, job_id, populate_existing=True)
 
 
 def _requeue(session: Session, job: Job, reason: str) -> None:
+    """Queue a job again uncounted, in its place: as if its attempt had never started."""
     job.status = JobStatus.QUEUED
+    job.started_at = None
     audit.record(session, "job.requeued", study_uid=job.series.study.study_uid, job=job.id, reason=reason)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import selectinload
 
 from node import audit
 from node.db import Database, Instance, Job, JobStatus, Result, Send, SendStatus, Series, SeriesStatus, Study
+from node.dicom.limits import ListenerLoad
 from node.spool import Spool
 from node.web.auth import Principal, require
 from node.web.render import error_line
@@ -195,13 +196,18 @@ Viewer = Annotated[Principal, Depends(require("viewer"))]
 
 @router.get("/healthz")
 def healthz(request: Request, response: Response) -> dict[str, Any]:
-    """Open to anyone (load balancers, monitoring): states only, nothing about patients."""
+    """Open to anyone (load balancers, monitoring): states only, nothing about patients. A listener
+    holding as many connections as it may (``max_associations``) is saturated: 503 until one ends."""
     db: Database = request.app.state.db
     spool: Spool = request.app.state.spool
     checks: dict[str, Any] = {
         "dicom": bool(request.app.state.dicom_listening()),
         "disk_free_mb": spool.free_bytes() // 2**20,
     }
+    load: ListenerLoad | None = request.app.state.dicom_load()
+    if load is not None:
+        checks["dicom_connections"], checks["dicom_max_connections"] = load.connections, load.max_connections
+        checks["dicom_saturated"] = load.saturated
     try:
         with db.session() as session:
             session.execute(text("SELECT 1"))
@@ -210,8 +216,9 @@ def healthz(request: Request, response: Response) -> dict[str, Any]:
         checks["database"] = False
         checks["database_error"] = type(exc).__name__
     healthy = checks["dicom"] and checks["database"]
-    response.status_code = 200 if healthy else 503
-    return {"status": "ok" if healthy else "unhealthy", **checks}
+    saturated = healthy and checks.get("dicom_saturated", False)
+    response.status_code = 200 if healthy and not saturated else 503
+    return {"status": "saturated" if saturated else "ok" if healthy else "unhealthy", **checks}
 
 
 @router.get("/api/studies")

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from node.config import Settings
 from node.db import Database
+from node.dicom.limits import ListenerLoad
 from node.spool import Spool
 from node.web import api, auth
 from node.web.pages import audit, configuration, destinations, models, overview, routes, studies
@@ -32,13 +33,18 @@ _POLICY = (
 
 
 def create_app(
-    db: Database, spool: Spool, settings: Settings, dicom_listening: Callable[[], bool] = lambda: True
+    db: Database,
+    spool: Spool,
+    settings: Settings,
+    dicom_listening: Callable[[], bool] = lambda: True,
+    dicom_load: Callable[[], ListenerLoad | None] = lambda: None,
 ) -> FastAPI:
-    """The app. ``dicom_listening`` tells /healthz whether the DICOM listener is up."""
+    """The app. ``dicom_listening`` tells /healthz whether the DICOM listener is up, ``dicom_load`` how
+    many connections it holds against its limit (None: not known)."""
     # No /docs: the interactive API pages would load their scripts from a CDN.
     app = FastAPI(title="AI node", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db, app.state.spool, app.state.settings = db, spool, settings
-    app.state.dicom_listening = dicom_listening
+    app.state.dicom_listening, app.state.dicom_load = dicom_listening, dicom_load
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for module in (api, auth, overview, studies, models, routes, destinations, audit, configuration):
         app.include_router(module.router)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from node.accounts import Principal
 from node.config import Settings
-from node.db import Job, JobStatus, Result, Send, SendStatus, Series, SeriesStatus, Study, utcnow
+from node.db import AuditEvent, Job, JobStatus, Result, Send, SendStatus, Series, SeriesStatus, Study, utcnow
 from node.spool import Spool
 from node.web.auth import require
 from node.web.pages.destinations import Outbox, outboxes
@@ -185,6 +185,27 @@ def _errors(session: Session) -> list[dict[str, Any]]:
     return found[:RECENT]
 
 
+def _retention(session: Session) -> dict[str, Any] | None:
+    """The last retention pass that removed studies, or found the disk too full for what it may
+    remove (node/retention.py); None before the first."""
+    event = session.scalar(
+        select(AuditEvent)
+        .where(AuditEvent.action == "retention.pass")
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
+    if event is None:
+        return None
+    detail = event.detail
+    return {
+        "at": event.at,
+        "removed": detail.get("removed_by_age", 0) + detail.get("removed_by_disk", 0),
+        "bytes_freed": detail.get("bytes_freed", 0),
+        "used_percent": detail.get("used_percent_after"),
+        "short": event.outcome == "warning",
+    }
+
+
 def overview(request: Request) -> dict[str, Any]:
     """Every figure of the page, read in one transaction."""
     settings: Settings = request.app.state.settings
@@ -198,6 +219,7 @@ def overview(request: Request) -> dict[str, Any]:
             "latency": _latency(session, now - WINDOWS["day"]),
             "models": _models(session, now - WINDOWS["day"]),
             "errors": _errors(session),
+            "retention": _retention(session),
         }
     figures["destinations"] = _destinations(request)
     free, floor = spool.free_bytes(), settings.node.min_free_disk_mb * 2**20
@@ -217,6 +239,11 @@ def _problems(figures: dict[str, Any]) -> list[str]:
         problems.append("free disk is below the floor: instances are refused (senders retry later)")
     elif disk["low"]:
         problems.append("free disk is low: less than twice the floor")
+    if figures["retention"] and figures["retention"]["short"]:
+        problems.append(
+            "the data disk stays above retention's low-water mark and no settled study is left to remove: "
+            "studies whose job or send failed are kept until an admin re-runs, resends or deletes them"
+        )
     waiting = figures["queues"]["oldest_queued_seconds"]
     if waiting is not None and waiting > QUEUE_WARNING.total_seconds():
         problems.append(f"a job has waited {duration(waiting)} in the queue: the workers do not keep up")
@@ -245,6 +272,7 @@ def overview_page(request: Request, principal: Viewer) -> HTMLResponse:
         oldest=duration(figures["queues"]["oldest_queued_seconds"]),
         errors=[{**error, "at": when(error["at"])} for error in figures["errors"]],
         destinations=[{**d, "last_success": when(d["last_success"])} for d in figures["destinations"]],
+        retention_at=when(figures["retention"]["at"]) if figures["retention"] else "",
     )
 
 

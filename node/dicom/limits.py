@@ -1,0 +1,299 @@
+"""What keeps the DICOM listener answering whatever a remote peer does (issue 11, fault 5).
+
+pynetdicom gives every accepted TCP connection two threads and reads each PDU with a blocking read of
+the length the PDU announces, so idle sockets, a 4 GB announcement or one byte every few seconds held
+every association slot. Here:
+
+- a connection over ``max_associations`` (all listeners together) or over
+  ``max_associations_per_address`` from one address is answered A-ASSOCIATE-RJ (transient, local limit)
+  and closed in the accepting thread, before it costs a thread;
+- each PDU must arrive whole within ``pdu_seconds`` and announce no more than ``max_pdu_bytes``
+  (:class:`GuardedSocket`), else the connection is aborted;
+- the A-ASSOCIATE-RQ must come within ``association_setup_seconds`` (pynetdicom's ARTIM timer).
+
+Every refusal goes to one callback, ``refused(host, reason)``, which rate-limits what is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import NodeSettings
+
+# A refused connection is kept open this long after its A-ASSOCIATE-RJ, so the peer reads the
+# rejection instead of a reset; at most this many at once (more are closed at once).
+LINGER_SECONDS = 1.0
+MAX_LINGERING = 64
+PDU_HEADER = struct.Struct(">BBL")  # type, reserved, length of what follows
+# A connection: remote host and port, and the listener's port (one remote port may reach both listeners).
+Peer = tuple[str, int, int]
+
+Refused = Callable[[str, str], None]
+_aborted = threading.local()  # set in a DUL thread whose connection this module ended
+# Handed, as if it were the request, to an association still waiting for one when its connection is
+# aborted here: pynetdicom would otherwise keep its threads until association_setup_seconds ran out.
+_ABANDONED = A_ASSOCIATE()
+
+
+def _not_after_abort(record: logging.LogRecord) -> bool:
+    """pynetdicom logs an error for the short read an abort here ends with: already reported, and
+    once per abort it would be the flood the refusal log prevents."""
+    return not getattr(_aborted, "connection", False)
+
+
+logging.getLogger("pynetdicom.dul").addFilter(_not_after_abort)
+
+
+@dataclass(frozen=True)
+class ListenerLoad:
+    """What /healthz says about the listener: connections open now against the limit."""
+
+    connections: int
+    max_connections: int
+
+    @property
+    def saturated(self) -> bool:
+        return self.connections >= self.max_connections
+
+
+@dataclass
+class _Connection:
+    request: socket.socket
+    association: Association | None = None
+    opener: threading.Thread | None = None  # runs EVT_CONN_OPEN (a TLS handshake), starts the association
+    reported: bool = False  # a refusal was already reported for it
+
+    def alive(self) -> bool:
+        """Until its opening thread and both its association's threads have ended: the limits bound
+        threads, not only sockets. An association whose thread could not start (threads exhausted) never
+        runs: its slot is free once the opening thread gives up."""
+        assoc = self.association
+        if assoc is None or self.opener is None:
+            return self.request.fileno() != -1
+        if self.opener.is_alive():  # first: once it has ended, ident says whether the association started
+            return True
+        return assoc.ident is not None and (assoc.is_alive() or assoc.dul.is_alive())
+
+
+@dataclass
+class ListenerGuard:
+    """What every listener of the node shares: who is connected (the limits count across listeners),
+    the limits each connection gets, and where refusals are reported."""
+
+    node: NodeSettings
+    refused: Refused
+    _connections: dict[Peer, _Connection] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _prune(self) -> None:
+        for address in [a for a, c in self._connections.items() if not c.alive()]:
+            del self._connections[address]
+
+    def admit(self, request: socket.socket, peer: Peer) -> str | None:
+        """Count the connection in, or say why it is refused."""
+        with self._lock:
+            self._prune()
+            if len(self._connections) >= self.node.max_associations:
+                return "too many connections"
+            same = sum(1 for host, *_ in self._connections if host == peer[0])
+            if same >= self.node.max_associations_per_address:
+                return "too many connections from this address"
+            self._connections[peer] = _Connection(request)
+        return None
+
+    def adopt(self, event: Any) -> None:
+        """EVT_CONN_OPEN: the connection's association, whose threads it now counts."""
+        with self._lock:
+            # still the accepted GuardedSocket: this handler is bound before the TLS handshake's
+            connection = self._connections.get(event.assoc.dul.socket.socket.peer)
+            if connection is not None:
+                connection.association, connection.opener = event.assoc, threading.current_thread()
+
+    def requested(self, event: Any) -> None:
+        """EVT_REQUESTED, bound first: the stand-in request of an aborted connection ends its threads."""
+        if event.assoc.requestor.primitive is _ABANDONED:
+            event.assoc.is_aborted = True
+            event.assoc.kill()
+
+    def abort(self, peer: Peer, reason: str) -> None:
+        """A connection aborted mid-PDU (from its DUL thread): reported, and its association woken if
+        it is still waiting for its request."""
+        self.refuse(peer, reason)
+        with self._lock:
+            connection = self._connections.get(peer)
+        assoc = connection.association if connection is not None else None
+        if assoc is not None and assoc.requestor.primitive is None:
+            assoc.dul.to_user_queue.put(_ABANDONED)
+
+    def refuse(self, peer: Peer, reason: str) -> None:
+        """Report a refusal of a connection, once per connection."""
+        with self._lock:
+            connection = self._connections.get(peer)
+            if connection is not None:
+                if connection.reported:
+                    return
+                connection.reported = True
+        self.refused(peer[0], reason)
+
+    def load(self) -> ListenerLoad:
+        with self._lock:
+            self._prune()
+            return ListenerLoad(len(self._connections), self.node.max_associations)
+
+
+class GuardedSocket(socket.socket):
+    """An accepted connection: each PDU must arrive whole within ``pdu_seconds`` of its first byte, the
+    first (the association request) also within ``association_setup_seconds`` of the connection, and
+    each announce at most ``max_pdu_bytes``. pynetdicom reads a PDU as header then body with blocking reads;
+    this follows the stream it reads, and ends a read past the deadline or over the cap as a closed
+    connection (an empty read), after telling the peer why with an A-ABORT."""
+
+    guard: ListenerGuard
+    peer: Peer
+    _deadline: float | None
+    _setup_until: float | None  # None once the first PDU is in
+    _header: bytearray
+    _left: int
+
+    def watch(self, guard: ListenerGuard, peer: Peer) -> None:
+        self.guard, self.peer = guard, peer
+        self._deadline, self._header, self._left = None, bytearray(), 0
+        self._setup_until = time.monotonic() + guard.node.association_setup_seconds
+        self.settimeout(guard.node.pdu_seconds)  # a peer that stops reading our answers
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        node = self.guard.node
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = min(now + node.pdu_seconds, self._setup_until or math.inf)
+        if not self._readable(max(self._deadline - now, 0)):
+            if self._setup_until is not None and self._deadline == self._setup_until:
+                return self._abort(f"no association request within {node.association_setup_seconds:g} s", 0)
+            return self._abort(f"PDU not complete within {node.pdu_seconds:g} s", 0x00)
+        try:
+            data = super().recv(bufsize, flags)
+        except TimeoutError:  # TLS: a record begun (select saw it) but not finished within the timeout
+            return self._abort(f"PDU not complete within {node.pdu_seconds:g} s", 0x00)
+        if self._follow(data) > node.max_pdu_bytes:
+            return self._abort(f"PDU over {node.max_pdu_bytes} bytes announced", 0x06)
+        return data
+
+    def _readable(self, timeout: float) -> bool:
+        """Whether a read would return within ``timeout`` (a TLS subclass adds its buffered bytes)."""
+        return bool(select.select([self], [], [], timeout)[0])
+
+    def _follow(self, data: bytes) -> int:
+        """Track where the stream is in its PDU; the length the current PDU announced (0: not yet)."""
+        view = memoryview(data)
+        announced = 0
+        while view:
+            if len(self._header) < PDU_HEADER.size:
+                take = PDU_HEADER.size - len(self._header)
+                self._header += view[:take]
+                view = view[take:]
+                if len(self._header) < PDU_HEADER.size:
+                    break
+                announced = self._left = PDU_HEADER.unpack(self._header)[2]
+            else:
+                take = min(self._left, len(view))
+                self._left -= take
+                view = view[take:]
+            if len(self._header) == PDU_HEADER.size and self._left == 0:  # the whole PDU is in
+                self._header.clear()
+                self._deadline = self._setup_until = None
+        return announced
+
+    def _abort(self, reason: str, diagnostic: int) -> bytes:
+        abort = A_ABORT_RQ()
+        abort.source, abort.reason_diagnostic = 0x02, diagnostic
+        try:
+            self.sendall(abort.encode())
+            super().shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.guard.abort(self.peer, reason)
+        _aborted.connection = True
+        return b""
+
+    def shutdown(self, how: int) -> None:
+        """pynetdicom closes a socket only when its shutdown succeeds; one the peer already dropped
+        would keep its descriptor."""
+        with contextlib.suppress(OSError):
+            super().shutdown(how)
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the guard at the door: connections over a limit are refused
+    before a thread is started, and every accepted one is a :class:`GuardedSocket`."""
+
+    ae: GuardedAE
+    # socketserver's 5 pending connections drop a burst's SYNs, delaying a real sender by TCP's retries
+    # (seconds); refusing is cheap, so let the kernel queue more for the accepting thread.
+    request_queue_size = 128
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lingering: deque[tuple[float, socket.socket]] = deque()
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        request, address = super().get_request()
+        guarded = GuardedSocket(fileno=request.detach())
+        guarded.watch(self.ae.guard, (address[0], address[1], self.server_address[1]))
+        return guarded, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        reason = self.ae.guard.admit(request, request.peer)
+        if reason is None:
+            return True
+        reject = A_ASSOCIATE_RJ()
+        reject.result, reject.source, reject.reason_diagnostic = 0x02, 0x03, 0x02  # transient, local limit
+        try:
+            request.setblocking(False)
+            request.send(reject.encode())
+            if len(self._lingering) >= MAX_LINGERING:
+                self._lingering.popleft()[1].close()
+            self._lingering.append((time.monotonic() + LINGER_SECONDS, request.dup()))
+        except OSError:
+            pass
+        self.ae.guard.refused(client_address[0], reason)
+        return False  # socketserver shuts this descriptor; the lingering duplicate keeps the connection
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        now = time.monotonic()
+        while self._lingering and self._lingering[0][0] <= now:
+            self._lingering.popleft()[1].close()
+
+    def server_close(self) -> None:
+        while self._lingering:
+            self._lingering.popleft()[1].close()
+        super().server_close()
+
+
+class GuardedAE(AE):
+    """An AE whose listeners are :class:`GuardedServer` s sharing ``guard``."""
+
+    def __init__(self, ae_title: str, guard: ListenerGuard) -> None:
+        super().__init__(ae_title)
+        self.guard = guard
+
+    def make_server(self, *args: Any, **kwargs: Any) -> GuardedServer:
+        kwargs["server_class"] = GuardedServer
+        return super().make_server(*args, **kwargs)  # type: ignore[return-value]
