@@ -110,6 +110,30 @@ def staged(path: Path, head: bytes, body: BinaryIO | None = None) -> Iterator[St
             file.temp.unlink(missing_ok=True)
 
 
+def move_durably(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` (its folders made as needed), the rename fsynced."""
+    _make_dirs_durably(target.parent)
+    os.replace(source, target)
+    _fsync_dir(target.parent)
+
+
+def link_aside(path: Path, folder: Path) -> Path:
+    """Keep ``path`` under the first free ``<name>.<n><suffix>`` in ``folder``, durably: an earlier
+    version of a file about to be replaced. A hard link, not a copy: the file is replaced, never
+    changed, and ``folder`` is on the same file system."""
+    _make_dirs_durably(folder)
+    n = 1
+    while True:
+        target = folder / f"{path.stem}.{n}{path.suffix}"
+        try:
+            os.link(path, target)
+        except FileExistsError:  # an earlier version's, or another thread's: the next number
+            n += 1
+            continue
+        _fsync_dir(folder)
+        return target
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader (or a crash) sees either nothing or all of it."""
     with staged(path, data) as file:

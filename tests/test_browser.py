@@ -21,6 +21,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
 
 from node.web.auth import SESSION_COOKIE
+from tests import test_end_to_end as end_to_end
 from tests.peers import REPO, NodeProcess, OrthancServer, free_port, storescu, wait_for
 from training.ct_phantom import head_ct_series
 
@@ -63,31 +64,23 @@ class Camera:
 
 
 def node_settings(node_port: int, pacs_port: int) -> dict[str, Any]:
-    """Head CTs from storescu to the head-CT model, results to the test's Orthanc; plain-HTTP cookies."""
-    return {
-        "node": {"dicom_port": node_port, "allowed_calling_aets": ["STORESCU"], "torch_threads": 1},
-        "study": {"stable_seconds": 1},
-        "send": {"first_delay_seconds": 0.5, "backoff_factor": 1.5, "max_delay_seconds": 2},
-        "web": {"secure_cookies": False, "lockout_after": LOCKOUT_AFTER, "lockout_seconds": 600},
-        "destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
-        "routes": [
-            {
-                "name": "head-ct",
-                "match": {"Modality": "CT", "BodyPartExamined": ["HEAD", "BRAIN"]},
-                "handler": "ct_hemorrhage",
-                "model": "ct-hemorrhage",
-                "destinations": ["pacs"],
-                "options": {"explain_slices": 2},
-            },
-            {  # takes none of these studies: the Routes page's tester says why
-                "name": "chest-xray",
-                "match": {"Modality": ["CR", "DX"], "BodyPartExamined": "CHEST"},
-                "handler": "chest_xray",
-                "model": "chest-xray",
-                "destinations": ["pacs"],
-            },
-        ],
-    }
+    """The end-to-end node (head CTs to the head-CT model, results to the test's Orthanc), with
+    plain-HTTP cookies, a lockout the tests reach, and a chest route that takes none of these studies
+    (the Routes page's tester says why)."""
+    settings = end_to_end.node_settings(node_port, pacs_port)
+    settings["node"].update(allowed_calling_aets=["STORESCU"], torch_threads=1)
+    settings["web"] = {"secure_cookies": False, "lockout_after": LOCKOUT_AFTER, "lockout_seconds": 600}
+    settings["routes"][0]["options"]["explain_slices"] = 2
+    settings["routes"].append(
+        {
+            "name": "chest-xray",
+            "match": {"Modality": ["CR", "DX"], "BodyPartExamined": "CHEST"},
+            "handler": "chest_xray",
+            "model": "chest-xray",
+            "destinations": ["pacs"],
+        }
+    )
+    return settings
 
 
 def add_user(node: NodeProcess, name: str, role: str) -> None:

@@ -318,14 +318,14 @@ def test_two_corrections_at_once_are_both_kept(
     versions = [sent(dataset(study, series, sop, ALPHA, note)) for note in ("FIRST", "SECOND", "THIRD")]
     node.accept(*versions[0], ORIGIN)
     index(node)
-    both_in, keep = threading.Barrier(2), conflicts_module._keep
+    both_in, keep = threading.Barrier(2), conflicts_module.link_aside
 
     def keep_when_both_are_in(path: Path, folder: Path) -> Path:
         with contextlib.suppress(threading.BrokenBarrierError):  # the fix keeps the second one out
             both_in.wait(timeout=2)
         return keep(path, folder)
 
-    monkeypatch.setattr(conflicts_module, "_keep", keep_when_both_are_in)
+    monkeypatch.setattr(conflicts_module, "link_aside", keep_when_both_are_in)
     senders = [threading.Thread(target=node.accept, args=(*version, ORIGIN)) for version in versions[1:]]
     for sender in senders:
         sender.start()

@@ -23,7 +23,6 @@ instance aside (node.ingest.index.set_aside).
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ from sqlalchemy import select
 
 from node import audit
 from node.db import Database, Instance, Patient, Series, Study
-from node.spool import Spool, _fsync_dir, _make_dirs_durably
+from node.spool import Spool, link_aside, move_durably
 
 if TYPE_CHECKING:
     from node.ingest.index import Arrival
@@ -112,23 +111,6 @@ def _data_set_digest(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
-
-
-def _keep(path: Path, folder: Path) -> Path:
-    """Keep ``path`` as the first free ``<name>.<n>.dcm`` in ``folder``, durably (the spool's rules).
-    A hard link, not a copy: the file is about to be replaced, not changed, and the spool's file
-    system is one."""
-    _make_dirs_durably(folder)
-    n = 1
-    while True:
-        target = folder / f"{path.stem}.{n}{path.suffix}"
-        try:
-            os.link(path, target)
-        except FileExistsError:  # an earlier correction's, or another thread's: the next number
-            n += 1
-            continue
-        _fsync_dir(folder)
-        return target
 
 
 def _remember(kept: OrderedDict[str, _T], key: str, value: _T, limit: int) -> None:
@@ -271,7 +253,7 @@ class Conflicts:
         new_size, new_sha256 = _data_set_digest(written)
         if old_sha256 == new_sha256:
             return None
-        kept = _keep(final, self.spool.root / SUPERSEDED / final.parent.relative_to(self.spool.incoming))
+        kept = link_aside(final, self.spool.root / SUPERSEDED / final.parent.relative_to(self.spool.incoming))
         return replace(arrival, supersedes=Superseded(str(kept), old_size, old_sha256, new_size, new_sha256))
 
     def unsettle(self, arrival: Arrival) -> None:
@@ -284,5 +266,4 @@ class Conflicts:
         with self.settling(arrival):
             if _data_set_digest(arrival.path)[1] != arrival.supersedes.new_sha256:
                 return  # corrected again meanwhile: that correction stands
-            os.replace(arrival.supersedes.kept_at, arrival.path)
-            _fsync_dir(arrival.path.parent)
+            move_durably(Path(arrival.supersedes.kept_at), arrival.path)

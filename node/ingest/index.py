@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -32,6 +31,7 @@ from node.dicom.header import encode
 from node.ingest import completion
 from node.ingest.conflicts import PatientKey, Superseded, UIDConflict, conflict_with
 from node.privacy import failure
+from node.spool import move_durably
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +248,8 @@ def set_aside(db: Database, arrival: Arrival, reason: str) -> None:
         reason=reason,
     )
     if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(path, target)
+            move_durably(path, target)
         except FileNotFoundError:
             if path.exists():  # the quarantine folder went: the node's own failure, tried again
                 raise
