@@ -12,11 +12,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from node.runtime import load_model
 from node.runtime.export import export_package
 from node.runtime.model import set_threads
 from node.runtime.package import discover
-from training.common import timings
+from training.common import median_ms, timings
 
 
 def main() -> None:
@@ -28,18 +30,22 @@ def main() -> None:
     print("| model | runtime | predict ms | Grad-CAM by gradients ms | CAM fast path ms | gradients / fast |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
+        variants = []
         for package in discover(args.models):
             if package.manifest.task != "classification":
                 continue
-            variants = [("torch", package.path)]
+            variants.append((package.manifest.name, "torch", package.path))
             explain = package.manifest.explain
             if package.manifest.architecture is not None and explain is not None and explain.classifier:
                 # ONNX Runtime explains by the fast path only, so only GAP + linear heads are exported
-                variants.append(
-                    ("onnx", export_package(package.path, "onnx", Path(tmp) / package.manifest.name).path)
-                )
-            for runtime, path in variants:
-                print(row(package.manifest.name, runtime, path, args.runs), flush=True)
+                exported = export_package(package.path, "onnx", Path(tmp) / package.manifest.name).path
+                variants.append((package.manifest.name, "onnx", exported))
+        for name, runtime, path in variants:
+            print(row(name, runtime, path, args.runs), flush=True)
+        print("\n| model | runtime | labels | one at a time ms | together ms | one at a time / together |")
+        print("|---|---|---|---|---|---|")
+        for name, runtime, path in variants:
+            print(labels_row(name, runtime, path, args.runs), flush=True)
 
 
 def row(name: str, runtime: str, path: Path, runs: int) -> str:
@@ -51,6 +57,16 @@ def row(name: str, runtime: str, path: Path, runs: int) -> str:
     both = {"explain_gradient_ms", "explain_cam_ms"} <= times.keys()
     ratio = f"{times['explain_gradient_ms'] / times['explain_cam_ms']:.2f}" if both else "–"
     return f"| {name} | {runtime} | {' | '.join(cells)} | {ratio} |"
+
+
+def labels_row(name: str, runtime: str, path: Path, runs: int) -> str:
+    """One image, its last three labels explained one at a time and together (the default method)."""
+    model = load_model(path)
+    x = np.random.default_rng(0).random((1, model.manifest.input.channels, *model.input_size), np.float32)
+    labels = list(range(len(model.labels)))[-3:]
+    alone = median_ms(lambda: [model.explain(x, label) for label in labels], runs)
+    together = median_ms(lambda: model.explain(x, labels), runs)
+    return f"| {name} | {runtime} | {len(labels)} | {alone:.1f} | {together:.1f} | {alone / together:.2f} |"
 
 
 if __name__ == "__main__":

@@ -282,8 +282,9 @@ class Model(Protocol):
         """(N, C, H, W) float32 → (N, n_labels) probabilities."""
         ...
 
-    def explain(self, batch: np.ndarray, label_index: int) -> np.ndarray:
-        """(N, C, H, W) float32 → (N, H, W) Grad-CAM heatmaps in [0, 1] for one label."""
+    def explain(self, batch: np.ndarray, label_index: int | Sequence[int]) -> np.ndarray:
+        """(N, C, H, W) float32 → Grad-CAM heatmaps in [0, 1]: (N, H, W) for one label, (N, L, H, W) for
+        a sequence of labels, which share one forward pass."""
         ...
 
 

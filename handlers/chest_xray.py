@@ -215,13 +215,16 @@ class ChestXRayHandler(Handler):
         shown: dict[str, Explanation] = {}
         sides: dict[str, str | None] = {}
         best = {name: int(probabilities[:, columns[name]].argmax()) for name in FINDINGS}  # its image
+        heatmaps: dict[str, np.ndarray] = {}
+        for image in sorted({best[name] for name in explained}):  # one forward pass per image explained
+            names = [name for name in explained if best[name] == image]
+            maps = model.explain(batch[image][None], [columns[name] for name in names])[0]
+            heatmaps |= zip(names, maps, strict=True)
         for name in explained:
-            index, image = columns[name], best[name]
-            probability = float(probabilities[image, index])
+            image = best[name]
+            probability = float(probabilities[image, columns[name]])
             explanation = _explain(
-                model,
-                batch[image],
-                index,
+                heatmaps[name],
                 usable[image],
                 images[image],
                 probability,
@@ -278,20 +281,19 @@ class ChestXRayHandler(Handler):
 
 
 def _explain(
-    model: Model,
-    x: np.ndarray,
-    index: int,
+    cam: np.ndarray,
     source: Dataset,
     image: np.ndarray,
     probability: float,
     label: str,
     opts: Options,
 ) -> Explanation:
-    """Grad-CAM of label ``index`` over the image as shown (CLAHE, at most DISPLAY_MAX pixels a side)."""
+    """Grad-CAM ``cam`` (at the model's input size) over the image as shown (CLAHE, at most DISPLAY_MAX
+    pixels a side)."""
     scale = min(1.0, DISPLAY_MAX / max(image.shape))
     size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
     shown = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1.0 else image
-    heatmap = source_heatmap(model.explain(x[None], index)[0], shown.shape)
+    heatmap = source_heatmap(cam, shown.shape)
     return Explanation(
         source=source,
         image=np.repeat(clahe(shown, opts.clahe_clip_limit, opts.clahe_tiles)[:, :, None], 3, axis=2),

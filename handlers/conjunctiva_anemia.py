@@ -58,7 +58,6 @@ IRIS_SHARE = 0.1  # of the white region's convex hull that the iris between its 
 IRIS_ASPECT = 3.0  # the iris is about round; a crescent's hull leaves a gap many times wider than high
 CROP_WIDTH = 1.5  # the crop's width over the sclera's: the eye with its lids and lashes
 CROP_DROP = 0.12  # of the sclera's width: the crop centre sits below the sclera, on the conjunctiva
-BATCH = 16
 
 
 class Options(TaskOptions):
@@ -291,9 +290,7 @@ class ConjunctivaAnemiaHandler(Handler):
             )
 
         batch = np.stack([prepared.input for _, prepared in usable])
-        probabilities = np.concatenate(
-            [model.predict(batch[i : i + BATCH])[:, label_index] for i in range(0, len(batch), BATCH)]
-        )
+        probabilities = model.predict(batch)[:, label_index]
         # Both eyes and retakes show the same blood: the patient's probability is their mean.
         probability = float(probabilities.mean())
         present = probability >= threshold

@@ -16,6 +16,9 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.pixels import pixel_array
+from pydicom.tag import Tag
 
 from handlers.base import (
     SIDES,
@@ -29,6 +32,7 @@ from handlers.base import (
     TaskOptions,
     model_labels,
 )
+from node.runtime.model import batch as batch_images
 
 TASK = "Head CT hemorrhage detection"
 HEMORRHAGE_LABEL = "hemorrhage"  # the model output this handler reads
@@ -41,7 +45,7 @@ BRAIN = Code("12738006", "SCT", "Brain")  # the finding site, with a side and a 
 ANTERIOR, POSTERIOR = Code("255549009", "SCT", "Anterior"), Code("255551008", "SCT", "Posterior")
 LEFT, RIGHT = SIDES["L"], SIDES["R"]
 REGION_MARGIN = 0.15  # of the head's half-width: closer to the centre than this is not called a side
-BATCH = 16
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 
 class Options(TaskOptions):
@@ -82,11 +86,21 @@ def preprocess(
     return np.stack(channels).astype(np.float32)
 
 
+def stored_pixels(ds: Dataset) -> np.ndarray:
+    """The slice's stored values, decoded without keeping them: from its file while the Dataset has left
+    the pixel data there (read with ``defer_size``), else from the Dataset without pydicom's cache —
+    a series' worth of pixel data held by its Datasets would grow with the series."""
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None and isinstance(ds.filename, str):
+        return pixel_array(ds.filename)
+    return pixel_array(ds)
+
+
 def hounsfield(ds: Dataset) -> np.ndarray:
     """Stored pixel values → HU via the Modality LUT's rescale."""
     slope = float(ds.get("RescaleSlope", 1.0))
     intercept = float(ds.get("RescaleIntercept", 0.0))
-    return ds.pixel_array.astype(np.float32) * slope + intercept
+    return stored_pixels(ds).astype(np.float32) * slope + intercept
 
 
 def slice_position(ds: Dataset) -> float | None:
@@ -214,27 +228,34 @@ class CTHemorrhageHandler(Handler):
                 f"at least {opts.min_slices} needed",
             )
         slices = sort_slices(usable)
-        try:
-            volume = [hounsfield(ds) for ds in slices]
-        except Exception as exc:  # an undecodable transfer syntax or corrupt pixel data: say so, do not guess
-            return Analysis.not_analysed(TASK, datasets, f"pixel data could not be read: {exc}")
-        if any(hu.ndim != 2 for hu in volume):
-            return Analysis.not_analysed(
-                TASK, datasets, "multi-frame or colour images are not supported; expected axial slices"
-            )
-        head_like = sum(looks_like_head(hu) for hu in volume)
-        if head_like < max(1, math.ceil(HEAD_LIKE_FRACTION * len(volume))):
+        # A model's batch at a time, keeping only each slice's probability: the inputs of a 600-slice
+        # series would hold 360 MB, its pixels 300 MB. The few slices explained are converted again below.
+        passes, head_like, size = [], 0, batch_images()
+        for start in range(0, len(slices), size):
+            inputs = []
+            for ds in slices[start : start + size]:
+                try:
+                    hu = hounsfield(ds)
+                except Exception as exc:  # an undecodable transfer syntax or corrupt pixel data: say so
+                    return Analysis.not_analysed(TASK, datasets, f"pixel data could not be read: {exc}")
+                if hu.ndim != 2:
+                    return Analysis.not_analysed(
+                        TASK,
+                        datasets,
+                        "multi-frame or colour images are not supported; expected axial slices",
+                    )
+                head_like += looks_like_head(hu)
+                inputs.append(preprocess(hu, model.input_size, opts.windows))
+            passes.append(model.predict(np.stack(inputs))[:, label_index])
+        if head_like < max(1, math.ceil(HEAD_LIKE_FRACTION * len(slices))):
             return Analysis.not_analysed(
                 TASK,
                 datasets,
-                f"does not look like a head CT: {head_like} of {len(volume)} images show brain-density "
+                f"does not look like a head CT: {head_like} of {len(slices)} images show brain-density "
                 "tissue inside a skull",
             )
 
-        batch = np.stack([preprocess(hu, model.input_size, opts.windows) for hu in volume])
-        probabilities = np.concatenate(
-            [model.predict(batch[i : i + BATCH])[:, label_index] for i in range(0, len(batch), BATCH)]
-        )
+        probabilities = np.concatenate(passes)
         probability = aggregate(probabilities, opts)
         present = probability >= threshold
         ranked = [int(i) for i in np.argsort(-probabilities, kind="stable")]
@@ -243,10 +264,12 @@ class CTHemorrhageHandler(Handler):
         # most suspicious, so the reader sees what it looked at. Every result is explained.
         count = opts.explain_slices if present else min(1, opts.explain_slices)
         chosen = ranked[:count]
+        volume = {index: hounsfield(slices[index]) for index in chosen}  # the slices shown
+        shown = [preprocess(volume[index], model.input_size, opts.windows) for index in chosen]
         heatmaps = [
             source_heatmap(heatmap, volume[index]) * np.float32(probabilities[index])
             for index, heatmap in zip(
-                chosen, model.explain(batch[chosen], label_index) if chosen else [], strict=True
+                chosen, model.explain(np.stack(shown), label_index) if chosen else [], strict=True
             )
         ]
         # Where: the prototype's estimate, from the strongest slice's heatmap, for a positive result.

@@ -61,7 +61,6 @@ FOV_SEARCH_SIDE = 256  # the field of view is found on a copy this size: it is a
 CORNER = 0.06  # of each side: the corner patches that must be dark around a fundus camera's field
 BACKGROUND_SIGMA = 1 / 14  # of the input side: illumination varies more slowly than this; lesions faster
 LOG_GAIN = 0.5  # log-contrast → [0, 1] around 0.5
-BATCH = 16
 AGGREGATE: dict[str, Callable[[np.ndarray], Any]] = {"mean": np.mean, "max": np.max}  # photographs of one eye
 
 
@@ -270,9 +269,7 @@ class FundusHandler(Handler):
             reasons = sorted(set(set_aside.values()))
             return Analysis.not_analysed(TASK, datasets, "; ".join(reasons) if reasons else "no images")
         batch = np.stack([preprocess(photo.rgb, model.input_size, photo.fov) for photo in photos])
-        probabilities = np.concatenate(
-            [model.predict(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)]
-        )
+        probabilities = model.predict(batch)
 
         eyes = [eye for eye in EYES if any(photo.eye == eye for photo in photos)]  # right, left, unknown
         members = {eye: [i for i, photo in enumerate(photos) if photo.eye == eye] for eye in eyes}

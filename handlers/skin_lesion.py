@@ -43,7 +43,6 @@ DEFAULT_CROP = 2.0 / 3.0
 PHOTOGRAPHIC_MODALITIES = ("XC", "DMS")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 SKIN_BRIGHTNESS = 0.2  # mean of the centre crop in [0, 1]: darker is a lens cap or a failed exposure
-BATCH = 16
 
 
 class Options(TaskOptions):
@@ -146,7 +145,7 @@ class SkinLesionHandler(Handler):
             )
 
         batch = np.stack([preprocess(crop, model.input_size, 1.0) for crop in crops])
-        per_image = np.concatenate([model.predict(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)])
+        per_image = model.predict(batch)
         probabilities = per_image[:, indices].mean(axis=0)  # several photographs of one lesion: mean
         where = body_site(datasets[0])
         shows = per_image.argmax(axis=0)  # per model output: the photograph that shows it best

@@ -51,7 +51,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         app = create_app(
-            node.db, node.spool, settings, dicom_listening=lambda: node.running, dicom_load=node.receiver.load
+            node.db,
+            node.spool,
+            settings,
+            dicom_listening=lambda: node.running,
+            dicom_load=node.receiver.load,
+            complete_study=node.indexer.complete_study,
         )
         uvicorn.run(
             app,

@@ -70,6 +70,10 @@ class NodeSettings(_Section):
     max_inflated_mb: int = Field(1024, ge=1)  # a deflated data set inflating beyond this: 0xC002 too
     max_associations: int = Field(10, ge=1)  # connections at once in any state; more: refused, no thread
     max_associations_per_address: int = Field(5, ge=1)  # of those, from one remote address
+    # Listener processes on the DICOM port(s). 1: the listener runs in the node's process. N > 1: N
+    # processes accept from the same sockets, so several senders at once use several cores
+    # (node.ingest.receivers); each costs ~100 MB and a database connection.
+    receivers: int = Field(1, ge=1, le=64)
     association_setup_seconds: float = Field(10.0, gt=0)  # connect to A-ASSOCIATE-RQ received, at most
     pdu_seconds: float = Field(30.0, gt=0)  # each PDU must arrive whole within this of its first byte
     max_pdu_bytes: int = Field(1_048_576, ge=16_384, le=2**32 - 1)  # announced to senders; longer: aborted
@@ -87,8 +91,11 @@ class NodeSettings(_Section):
 
 class StudySettings(_Section):
     stable_seconds: float = Field(10.0, ge=0)
-    single_image_modalities: list[str] = ["CR", "DX", "OP", "XC", "MG", "IO", "PX", "ES"]
+    single_image_modalities: list[str] = ["CR", "DX", "OP", "XC", "DMS", "MG", "IO", "PX", "ES"]
     late_instances: Literal["rerun", "ignore"] = "rerun"
+    # Calling AE titles that send whole series in one association (a PACS forwarding, e.g. "ORTHANC"):
+    # when such an association is released, what it sent is complete at once (node.ingest.completion).
+    forwarders: list[AETitle] = []
 
 
 class JobSettings(_Section):
@@ -102,6 +109,13 @@ class JobSettings(_Section):
     # A job that ran out of time is retried only while its attempts are below this (1: never).
     timeout_max_attempts: int = Field(1, ge=1)
     watchdog_grace_seconds: float = Field(60.0, gt=0)  # past its limit + this, a running job is failed
+    # Images per forward pass in a worker: a CT's slices go through in passes of this many. Larger keeps
+    # more cores busy and costs memory (activations grow with it); 16 suits CPU workers of 2-8 cores.
+    batch_images: int = Field(16, ge=1)
+    # "when_faster": a torch package ONNX Runtime can run alike (no gradients needed: a segmentation model
+    # or a CAM fast-path head) is exported once to data_dir/runtimes and timed both ways while a worker is
+    # idle; the faster runs its later jobs (logged). "never": every package under its own framework.
+    onnx_runtime: Literal["when_faster", "never"] = "when_faster"
 
 
 class SendSettings(_Section):

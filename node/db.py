@@ -134,6 +134,9 @@ class Series(Base):
     # The first instance's header as received, without pixel data: what routing matches on
     # (node.dicom.header). Null for series indexed before revision 0002.
     header: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # How many instances its first instance announced, and on what grounds ("30 ImagesInAcquisition,
+    # acquisition 1"); empty when none did or later instances disagreed (node.ingest.completion).
+    announced: Mapped[str] = mapped_column(String(64), default="")
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="series", order_by="Job.id")

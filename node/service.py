@@ -20,6 +20,7 @@ from node.db import Database, open_database
 from node.ingest.accept import Ingest
 from node.ingest.completion import mark_stable
 from node.ingest.index import DATABASE_UNAVAILABLE, Indexer
+from node.ingest.receivers import Receivers
 from node.ingest.reconcile import Reconciler
 from node.ingest.scp import Receiver
 from node.jobs import ExecutorContext, JobStore, create_executor, dispatch, watch
@@ -47,7 +48,11 @@ class Node:
         self.indexer = Indexer(self.db, settings.study, on_ready=lambda: self._wake("route"))
         self.ingest = Ingest(settings, self.db, self.spool, self.indexer)
         self.reconciler = Reconciler(settings, self.db, self.spool, self.indexer)
-        self.receiver = Receiver(settings, self.db, self.ingest)
+        self.receiver: Receiver | Receivers = (
+            Receiver(settings, self.db, self.ingest, self.indexer.complete)
+            if settings.node.receivers == 1
+            else Receivers(settings, self.db, self.spool, self.indexer)
+        )
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running = False
         self._database_warned: dict[str, float] = {}  # step → when it last said the database is away

@@ -1,7 +1,8 @@
 """Where received instances and written results live on disk.
 
-Every write is durable before it is acknowledged: a temporary file in the target folder, fsync, an
-atomic rename over the final name, then fsync of the folder so the rename itself survives power loss.
+Every write is durable before it is acknowledged: a temporary file in the target folder (or the
+listener's received file, on the same file system), fsync, an atomic rename over the final name, then
+fsync of the folder so the rename itself survives power loss.
 File names are built only from validated UIDs, so a hostile UID cannot escape the spool.
 """
 
@@ -62,9 +63,18 @@ def _make_dirs_durably(folder: Path) -> None:
     _durable.add(folder)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Staged:
-    """A complete, fsynced file beside its final name, not yet renamed over it: what is there now can
-    still be compared with it (a re-sent instance) before :meth:`commit` makes it the file."""
+    """A complete file, not yet renamed over its final name: what is there now can still be compared
+    with it (a re-sent instance) before :meth:`commit` makes it, durably, the file. It is fsynced only
+    then, so a re-sent identical instance, never committed, costs no flush to disk."""
 
     def __init__(self, path: Path, temp: Path) -> None:
         self.path = path
@@ -72,6 +82,8 @@ class Staged:
         self.committed = False
 
     def commit(self) -> Path:
+        """The file fsynced, renamed over ``path``, the rename fsynced: then it may be acknowledged."""
+        _fsync_file(self.temp)
         os.replace(self.temp, self.path)
         self.committed = True
         _fsync_dir(self.path.parent)
@@ -92,18 +104,30 @@ def _copy(source: BinaryIO, target: BinaryIO) -> None:
 
 @contextlib.contextmanager
 def staged(path: Path, head: bytes, body: BinaryIO | None = None) -> Iterator[Staged]:
-    """Write ``head`` and then the rest of ``body`` to a temporary file beside ``path``, durably; the
-    temporary file is removed unless the caller commits it."""
+    """Write ``head`` and then the rest of ``body`` to a temporary file beside ``path``, to be committed
+    (see :class:`Staged`); the temporary file is removed unless the caller commits it."""
     _make_dirs_durably(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    file = Staged(path, Path(tmp))
-    try:
+    with _uncommitted_removed(Staged(path, Path(tmp))) as file:
         with os.fdopen(fd, "wb") as handle:
             handle.write(head)
             if body is not None:
                 _copy(body, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield file
+
+
+@contextlib.contextmanager
+def adopted(path: Path, file: Path) -> Iterator[Staged]:
+    """``file``, already complete on the spool's file system, staged to become ``path`` as it is: one
+    write, no copy (the listener's received file; see node.ingest.accept). Removed unless committed."""
+    _make_dirs_durably(path.parent)
+    with _uncommitted_removed(Staged(path, file)) as staged_file:
+        yield staged_file
+
+
+@contextlib.contextmanager
+def _uncommitted_removed(file: Staged) -> Iterator[Staged]:
+    try:
         yield file
     finally:
         if not file.committed:
@@ -165,6 +189,13 @@ class Spool:
         """An instance's file (``head``, then the rest of ``body``) written beside its place in the
         spool, to be committed there (see :func:`staged`)."""
         return staged(self.instance_path(study_uid, series_uid, sop_uid), head, body)
+
+    def adopted_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, file: Path
+    ) -> contextlib.AbstractContextManager[Staged]:
+        """``file``, a complete instance file on the spool's file system, to be committed as it is in
+        its place in the spool (see :func:`adopted`)."""
+        return adopted(self.instance_path(study_uid, series_uid, sop_uid), file)
 
     def result_dir(self, job_id: int) -> Path:
         return self.results / str(int(job_id))

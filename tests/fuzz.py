@@ -316,6 +316,12 @@ class DatasetCase:
     data: bytes
     mutations: tuple[str, ...] = field(default=())
 
+    @property
+    def request_readable(self) -> bool:
+        """Whether pynetdicom can read the C-STORE request as one: an Affected SOP Instance UID that is
+        there and no longer than a UI value may be (64). Else the request has no status to get."""
+        return 0 < len(self.sop_instance_uid) <= 64
+
     def meta(self) -> FileMetaDataset:
         """The meta information a receiver builds from the request (what Ingest.accept is given)."""
         meta = FileMetaDataset()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
@@ -89,10 +90,10 @@ def poison(monkeypatch: pytest.MonkeyPatch, sop_uid: str, error: Exception) -> N
     """Make indexing fail, with ``error``, for the one instance ``sop_uid``."""
     real = index.index_arrival
 
-    def failing(session: Session, arrival: Arrival, study_settings: StudySettings) -> Indexed:
+    def failing(session: Session, arrival: Arrival, study_settings: StudySettings, *known: Any) -> Indexed:
         if arrival.sop_uid == sop_uid:
             raise error
-        return real(session, arrival, study_settings)
+        return real(session, arrival, study_settings, *known)
 
     monkeypatch.setattr(index, "index_arrival", failing)
 
@@ -175,13 +176,15 @@ def test_a_file_gone_before_it_is_set_aside_does_not_stop_the_indexer(
     bad = arrivals[1]
     real, tries = index.index_arrival, []
 
-    def failing_then_deleted(session: Session, arrival: Arrival, study_settings: StudySettings) -> Indexed:
+    def failing_then_deleted(
+        session: Session, arrival: Arrival, study_settings: StudySettings, *known: Any
+    ) -> Indexed:
         if arrival.sop_uid == bad.sop_uid:
             tries.append(arrival)
             if len(tries) == 2:  # tried alone: its study is deleted from the dashboard meanwhile
                 bad.path.unlink()
             raise ValueError("cannot store this")
-        return real(session, arrival, study_settings)
+        return real(session, arrival, study_settings, *known)
 
     monkeypatch.setattr(index, "index_arrival", failing_then_deleted)
     node.indexer.start()

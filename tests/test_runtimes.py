@@ -14,13 +14,14 @@ import tomli_w
 import torch
 from monai.networks.nets import BasicUNet, EfficientNetBN
 
-from node.runtime import PackagedModel, load_model
+from node.runtime import PackagedModel, fastest, load_model
 from node.runtime.export import export_package, write_whole_model
-from node.runtime.model import upsample_aligned
-from node.runtime.package import MANIFEST, sha256_of
+from node.runtime.model import DEFAULT_BATCH, set_batch, upsample_aligned
+from node.runtime.package import MANIFEST, open_package, sha256_of
 from node.runtime.validate import validate_package
 
 CT_PACKAGE = Path(__file__).resolve().parents[1] / "models" / "ct-hemorrhage"
+CHEST_PACKAGE = CT_PACKAGE.parent / "chest-xray"
 LABELS = ["a", "b", "c"]
 SIZE = 32
 
@@ -150,6 +151,44 @@ def test_one_network_in_every_format_gives_the_same_probabilities_and_heatmaps(
             np.testing.assert_allclose(maps, reference_maps, atol=1e-3, err_msg=f"{name} {method}")
 
 
+def test_several_labels_from_one_forward_pass_equal_one_label_at_a_time(
+    formats: dict[str, PackagedModel],
+) -> None:
+    x = images(2)
+    for name, model in formats.items():
+        for method in model.explain_methods:
+            together = model.explain(x, [2, 0, 1], method=method)
+            assert together.shape == (2, 3, SIZE, SIZE)
+            alone = np.stack([model.explain(x, label, method=method) for label in (2, 0, 1)], axis=1)
+            np.testing.assert_allclose(together, alone, atol=1e-5, err_msg=f"{name} {method}")
+
+
+def test_the_chest_models_findings_by_gradients_from_one_pass_equal_each_alone() -> None:
+    """The chest model has no pooling head, so its several findings are explained by gradients: one
+    forward pass, one backward pass per finding."""
+    model = load_model(CHEST_PACKAGE)
+    assert model.explain_methods == ("gradient",)
+    x = images(1, channels=1, size=192)
+    together = model.explain(x, [1, 2, 3])[0]
+    for row, label in enumerate((1, 2, 3)):
+        np.testing.assert_allclose(together[row], model.explain(x, label)[0], atol=1e-5)
+    assert min(np.ptp(m) for m in together) > 0  # informative maps, not three empty ones
+
+
+def test_passes_split_into_batches_give_what_one_pass_gives(formats: dict[str, PackagedModel]) -> None:
+    x = images(5)
+    model = formats["torchscript"]
+    whole = {method: model.explain(x, [0, 2], method=method) for method in model.explain_methods}
+    probabilities = model.predict(x)
+    set_batch(2)  # 5 images, and 4 shifted copies of each to explain: passes of 2
+    try:
+        np.testing.assert_allclose(model.predict(x), probabilities, atol=1e-6)
+        for method, maps in whole.items():
+            np.testing.assert_allclose(model.explain(x, [0, 2], method=method), maps, atol=1e-5)
+    finally:
+        set_batch(DEFAULT_BATCH)
+
+
 def test_the_fast_path_equals_gradient_grad_cam_on_the_ct_model() -> None:
     from handlers.ct_hemorrhage import DEFAULT_WINDOWS, preprocess
     from training.ct_phantom import sample_slice
@@ -264,3 +303,28 @@ def test_a_segmentation_model_returns_masks_in_every_format(tmp_path: Path) -> N
     exported = load_model(export_package(package, "onnx", tmp_path / "onnx"))
     np.testing.assert_allclose(exported.segment(x), masks, atol=1e-4)
     assert [check.name for check in validate_package(package)][-1] == "segment"
+
+
+def test_a_package_runs_under_onnx_runtime_only_where_that_is_faster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice follows the measured cost (stubbed here: no timing in tests); the ONNX model gives the
+    source's results under the source's name, and its export is written once."""
+    source = load_model(CT_PACKAGE)
+    package = open_package(CT_PACKAGE)
+    costs = {"TorchModel": 10.0, "OnnxModel": 5.0}
+    monkeypatch.setattr(fastest, "cost_ms", lambda model: costs[type(model).__name__])
+    chosen = fastest.fastest(load_model(package), tmp_path)
+    assert type(chosen).__name__ == "OnnxModel"
+    assert chosen.identity == source.identity and chosen.path == CT_PACKAGE  # it stands for the package
+    x = images(3, size=128)
+    np.testing.assert_allclose(chosen.predict(x), source.predict(x), atol=1e-4)
+    np.testing.assert_allclose(chosen.explain(x, [0, 1]), source.explain(x, [0, 1]), atol=1e-3)
+    (export,) = tmp_path.iterdir()
+    written = (export / "model.onnx").stat().st_mtime_ns
+
+    costs["OnnxModel"] = 20.0
+    assert type(fastest.fastest(load_model(package), tmp_path)).__name__ == "TorchModel"
+    assert (export / "model.onnx").stat().st_mtime_ns == written and list(tmp_path.iterdir()) == [export]
+    # The chest model is explained by gradients, which ONNX Runtime lacks: it stays with torch.
+    assert not fastest.convertible(open_package(CHEST_PACKAGE))

@@ -1,3 +1,4 @@
+import io
 import os
 import shutil
 from pathlib import Path
@@ -62,3 +63,41 @@ def test_a_durable_folder_removed_since_is_made_again(tmp_path: Path) -> None:
     shutil.rmtree(results)  # a rerun clears its results folder
     write_atomic(results / "a.dcm", b"second run")
     assert (results / "a.dcm").read_bytes() == b"second run"
+
+
+def test_a_staged_file_is_flushed_only_when_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: a re-sent identical instance is staged, compared with the spool's and dropped; it was
+    fsynced first, a full flush to disk for nothing. Now only a commit flushes it — before the rename,
+    so the name never points at data not on disk — and then the rename."""
+    flushed: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1]
+    )
+    target = tmp_path / "study" / "1.2.3.dcm"
+    with spool.staged(target, b"head", io.BytesIO(b"body")) as dropped:
+        assert str(dropped.temp) not in flushed
+    assert not dropped.temp.exists()
+    with spool.staged(target, b"head", io.BytesIO(b"body")) as kept:
+        flushed.clear()
+        kept.commit()
+    assert flushed == [str(kept.temp), str(target.parent)]
+    assert target.read_bytes() == b"headbody"
+
+
+def test_an_adopted_file_is_renamed_whole_or_removed(tmp_path: Path) -> None:
+    """The listener's received file becomes the spool file as it is (one write); uncommitted, it goes."""
+    target = tmp_path / "incoming" / "1.2.3.dcm"
+    for commit in (False, True):
+        received = tmp_path / "receiving" / "tmp1.dcm"
+        received.parent.mkdir(exist_ok=True)
+        received.write_bytes(b"instance")
+        inode = received.stat().st_ino
+        with spool.adopted(target, received) as staged:
+            if commit:
+                staged.commit()
+        assert not received.exists()
+        assert target.exists() == commit
+    assert target.stat().st_ino == inode and target.read_bytes() == b"instance"

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from socketserver import BaseRequestHandler
 from typing import Any
 
 from pynetdicom import AE
@@ -41,6 +42,7 @@ from node.config import NodeSettings
 # rejection instead of a reset; at most this many at once (more are closed at once).
 LINGER_SECONDS = 1.0
 MAX_LINGERING = 64
+DEFER_SECONDS = 0.002  # a receiver process leaving a connection to another looks again after this
 PDU_HEADER = struct.Struct(">BBL")  # type, reserved, length of what follows
 # A connection: remote host and port, and the listener's port (one remote port may reach both listeners).
 Peer = tuple[str, int, int]
@@ -92,30 +94,58 @@ class _Connection:
         return assoc.ident is not None and (assoc.is_alive() or assoc.dul.is_alive())
 
 
+class ConnectionsElsewhere:
+    """The connections the node's other receiver processes hold (node.ingest.receivers), so that the
+    limits are the node's, not each process's. This one, for a node of one process, knows of none."""
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Held while counting and publishing: no other process admits meanwhile."""
+        return contextlib.nullcontext()
+
+    def count(self, host: str) -> tuple[int, int]:
+        """Connections elsewhere: all of them, and those from ``host``."""
+        return 0, 0
+
+    def publish(self, hosts: list[str]) -> None:
+        """This process's connections now, by remote host (called while :meth:`locked` is held)."""
+
+    def fewer_than(self, held: int) -> bool:
+        """Whether another listening process holds fewer than ``held`` connections: it takes the next."""
+        return False
+
+
 @dataclass
 class ListenerGuard:
-    """What every listener of the node shares: who is connected (the limits count across listeners),
-    the limits each connection gets, and where refusals are reported."""
+    """What every listener of the node shares: who is connected (the limits count across listeners,
+    and across receiver processes through ``elsewhere``), the limits each connection gets, and where
+    refusals are reported."""
 
     node: NodeSettings
     refused: Refused
+    elsewhere: ConnectionsElsewhere = field(default_factory=ConnectionsElsewhere)
     _connections: dict[Peer, _Connection] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _prune(self) -> None:
-        for address in [a for a, c in self._connections.items() if not c.alive()]:
+        gone = [a for a, c in self._connections.items() if not c.alive()]
+        for address in gone:
             del self._connections[address]
+        if gone:
+            with self.elsewhere.locked():
+                self.elsewhere.publish([host for host, *_ in self._connections])
 
     def admit(self, request: socket.socket, peer: Peer) -> str | None:
         """Count the connection in, or say why it is refused."""
-        with self._lock:
+        with self._lock, self.elsewhere.locked():
             self._prune()
-            if len(self._connections) >= self.node.max_associations:
+            total, same = self.elsewhere.count(peer[0])
+            if len(self._connections) + total >= self.node.max_associations:
                 return "too many connections"
-            same = sum(1 for host, *_ in self._connections if host == peer[0])
+            same += sum(1 for host, *_ in self._connections if host == peer[0])
             if same >= self.node.max_associations_per_address:
                 return "too many connections from this address"
             self._connections[peer] = _Connection(request)
+            self.elsewhere.publish([host for host, *_ in self._connections])
         return None
 
     def adopt(self, event: Any) -> None:
@@ -152,10 +182,17 @@ class ListenerGuard:
                 connection.reported = True
         self.refused(peer[0], reason)
 
+    def defers(self) -> bool:
+        """Whether to leave the next connection to a process holding fewer (least connections first)."""
+        with self._lock:
+            self._prune()
+            return self.elsewhere.fewer_than(len(self._connections))
+
     def load(self) -> ListenerLoad:
         with self._lock:
             self._prune()
-            return ListenerLoad(len(self._connections), self.node.max_associations)
+            elsewhere, _ = self.elsewhere.count("")
+            return ListenerLoad(len(self._connections) + elsewhere, self.node.max_associations)
 
 
 class GuardedSocket(socket.socket):
@@ -179,27 +216,51 @@ class GuardedSocket(socket.socket):
         self.settimeout(guard.node.pdu_seconds)  # a peer that stops reading our answers
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if not self._arrives():
+            return b""
+        try:
+            data = super().recv(bufsize, flags)
+        except TimeoutError:  # TLS: a record begun (select saw it) but not finished within the timeout
+            return self._abort(f"PDU not complete within {self.guard.node.pdu_seconds:g} s", 0x00)
+        return data if self._within_cap(data) else b""
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """As :meth:`recv`, into ``buffer``: how a whole PDU is read (node.dicom.network)."""
+        if not self._arrives():
+            return 0
+        try:
+            count = super().recv_into(buffer, nbytes, flags)
+        except TimeoutError:
+            self._abort(f"PDU not complete within {self.guard.node.pdu_seconds:g} s", 0x00)
+            return 0
+        return count if self._within_cap(memoryview(buffer)[:count]) else 0
+
+    def _arrives(self) -> bool:
+        """Wait for data within the PDU's deadline; past it the connection is aborted (False)."""
         node = self.guard.node
         now = time.monotonic()
         if self._deadline is None:
             self._deadline = min(now + node.pdu_seconds, self._setup_until or math.inf)
-        if not self._readable(max(self._deadline - now, 0)):
-            if self._setup_until is not None and self._deadline == self._setup_until:
-                return self._abort(f"no association request within {node.association_setup_seconds:g} s", 0)
-            return self._abort(f"PDU not complete within {node.pdu_seconds:g} s", 0x00)
-        try:
-            data = super().recv(bufsize, flags)
-        except TimeoutError:  # TLS: a record begun (select saw it) but not finished within the timeout
-            return self._abort(f"PDU not complete within {node.pdu_seconds:g} s", 0x00)
-        if self._follow(data) > node.max_pdu_bytes:
-            return self._abort(f"PDU over {node.max_pdu_bytes} bytes announced", 0x06)
-        return data
+        if self._readable(max(self._deadline - now, 0)):
+            return True
+        if self._setup_until is not None and self._deadline == self._setup_until:
+            self._abort(f"no association request within {node.association_setup_seconds:g} s", 0)
+        else:
+            self._abort(f"PDU not complete within {node.pdu_seconds:g} s", 0x00)
+        return False
+
+    def _within_cap(self, data: bytes | memoryview) -> bool:
+        """Follow ``data``; a PDU announcing more than ``max_pdu_bytes`` aborts the connection (False)."""
+        if self._follow(data) > self.guard.node.max_pdu_bytes:
+            self._abort(f"PDU over {self.guard.node.max_pdu_bytes} bytes announced", 0x06)
+            return False
+        return True
 
     def _readable(self, timeout: float) -> bool:
         """Whether a read would return within ``timeout`` (a TLS subclass adds its buffered bytes)."""
         return bool(select.select([self], [], [], timeout)[0])
 
-    def _follow(self, data: bytes) -> int:
+    def _follow(self, data: bytes | memoryview) -> int:
         """Track where the stream is in its PDU; the length the current PDU announced (0: not yet)."""
         view = memoryview(data)
         announced = 0
@@ -252,7 +313,26 @@ class GuardedServer(ThreadedAssociationServer):
         self._lingering: deque[tuple[float, socket.socket]] = deque()
         super().__init__(*args, **kwargs)
 
+    def server_bind(self) -> None:
+        """Bind, or take the listening socket the node's process bound for its receiver processes
+        (node.ingest.receivers), which all accept from it."""
+        shared = self.ae.listening_socket
+        if shared is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = shared
+        self.server_address = shared.getsockname()
+
+    def server_activate(self) -> None:
+        if self.ae.listening_socket is None:  # a shared socket listens already
+            super().server_activate()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self.ae.guard.defers():  # socketserver takes an OSError as no connection; selected again soon
+            time.sleep(DEFER_SECONDS)
+            raise BlockingIOError("left to a receiver process holding fewer connections")
         request, address = super().get_request()
         guarded = GuardedSocket(fileno=request.detach())
         guarded.watch(self.ae.guard, (address[0], address[1], self.server_address[1]))
@@ -288,12 +368,19 @@ class GuardedServer(ThreadedAssociationServer):
 
 
 class GuardedAE(AE):
-    """An AE whose listeners are :class:`GuardedServer` s sharing ``guard``."""
+    """An AE whose listeners are :class:`GuardedServer` s sharing ``guard``; ``request_handler``, where
+    given, is what each accepted connection is handed to (pynetdicom's ``RequestHandler`` seam)."""
 
-    def __init__(self, ae_title: str, guard: ListenerGuard) -> None:
+    def __init__(
+        self, ae_title: str, guard: ListenerGuard, request_handler: type[BaseRequestHandler] | None = None
+    ) -> None:
         super().__init__(ae_title)
         self.guard = guard
+        self.listening_socket: socket.socket | None = None  # bound by the node's process, else None
+        self.request_handler = request_handler
 
     def make_server(self, *args: Any, **kwargs: Any) -> GuardedServer:
         kwargs["server_class"] = GuardedServer
+        if self.request_handler is not None:
+            kwargs["request_handler"] = self.request_handler
         return super().make_server(*args, **kwargs)  # type: ignore[return-value]

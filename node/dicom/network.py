@@ -8,20 +8,31 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
+import os
+import queue
+import select
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from tempfile import NamedTemporaryFile
-from typing import Any
+from typing import Any, cast
 
 from pydicom import uid
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO, DicomIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.association import Association
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.config import NodeSettings
 from node.dicom.limits import GuardedAE, ListenerGuard
@@ -66,7 +77,7 @@ def listening_ae(node: NodeSettings, guard: ListenerGuard) -> GuardedAE:
     calling-AE allow-list (addresses: :func:`calling_ae_allowed`), and the limits of ``guard``."""
     _config.UNRESTRICTED_STORAGE_SERVICE = node.unknown_sop_classes == "accept"
     _config.LOG_HANDLER_LEVEL = "none"
-    ae = GuardedAE(node.ae_title, guard)
+    ae = GuardedAE(node.ae_title, guard, PromptRequestHandler)
     ae.require_called_aet = True
     ae.require_calling_aet = [e if isinstance(e, str) else e.ae_title for e in node.allowed_calling_aets]
     ae.maximum_associations = node.max_associations
@@ -111,11 +122,246 @@ def receive_to_disk(folder: Path) -> None:
             leftover.unlink()
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = partial(NamedTemporaryFile, dir=folder)  # type: ignore[assignment]
-    # The file starts with meta information built from the request's command set; pynetdicom writes it
-    # enforcing the standard, so a request with an empty Affected SOP Instance UID raised in its reader
-    # thread and the connection dropped, unanswered. Written as it is, the request reaches the C-STORE
-    # handler, where accept refuses it (0xC000) and audits it like any other.
-    dimse_messages.write_file_meta_info = partial(write_file_meta_info, enforce_standard=False)
+    dimse_messages.write_file_meta_info = _write_received_meta
+
+
+def _write_received_meta(fp: DicomIO, file_meta: FileMetaDataset, enforce_standard: bool = True) -> None:
+    """pynetdicom's writer of a received data set's meta information (built from the request's command
+    set), replaced: on the listener's associations it also names the AE titles, as the node's spool
+    files do (node.ingest.accept), so that the file received can become the spool file as it is — one
+    write, no copy. pynetdicom wrote it enforcing the standard, so a request with an empty Affected SOP
+    Instance UID raised in its reader thread and the connection dropped, unanswered; such a request's
+    meta is written as it is, and accept refuses it (0xC000) and audits it like any other."""
+    assoc = getattr(_receiving, "assoc", None)
+    if assoc is not None:
+        file_meta.SourceApplicationEntityTitle = assoc.acceptor.ae_title.strip()  # who wrote the file
+        file_meta.SendingApplicationEntityTitle = assoc.requestor.ae_title.strip()
+        file_meta.ReceivingApplicationEntityTitle = assoc.acceptor.ae_title.strip()
+    try:
+        encoded = encode_file_meta(file_meta)
+    except Exception:  # what the standard requires is missing or invalid: written as it is
+        buffer = DicomBytesIO()
+        write_file_meta_info(buffer, file_meta, enforce_standard=False)
+        encoded = buffer.getvalue()
+    fp.write(encoded)
+
+
+# pynetdicom 3.0.4 (read from its dul.py and association.py) hands every PDU and every response
+# between a connection's two threads by polling: the DUL thread sleeps 1 ms (``_run_loop_delay``)
+# whenever a pass finds nothing to do, the association thread sleeps 1 ms (a hard-coded
+# ``time.sleep(0.001)`` in ``Association._run_reactor``) on every pass. One C-STORE waits on several
+# such sleeps: its last PDU, the handler, the response, the next request. The listener's associations
+# (PromptRequestHandler, pynetdicom's request-handler seam) instead wait for what they wait for: the
+# DUL thread in select() on its socket and a doorbell rung when a primitive is queued for it, the
+# association thread on an event set when the DUL has acted. The loops are pynetdicom's otherwise,
+# line for line; an upgrade of pynetdicom must be checked against them.
+_IDLE_WAKE = 0.05  # seconds: how often a waiting reactor still looks at its timers (ARTIM, idle, kill)
+_receiving = threading.local()  # in a listener's DUL thread: the association it reads for
+_dul_log = logging.getLogger("pynetdicom.dul")  # as pynetdicom's own (node.dicom.limits filters it)
+
+
+class _Doorbell:
+    """A wake-up select() can wait on beside a socket (an eventfd); rings after close are ignored, so a
+    descriptor number reused meanwhile is never written to."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def ring(self) -> None:
+        with self._lock:
+            if self._fd != -1:
+                os.eventfd_write(self._fd, 1)
+
+    def quiet(self) -> None:
+        with self._lock, contextlib.suppress(BlockingIOError):
+            if self._fd != -1:
+                os.eventfd_read(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd != -1:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class _RingingQueue(queue.Queue[Any]):
+    """A queue that calls ``ring`` after each put: whoever waits for it wakes at once."""
+
+    def __init__(self, ring: Callable[[], None]) -> None:
+        super().__init__()
+        self._ring = ring
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._ring()
+
+
+class PromptDUL(DULServiceProvider):
+    """pynetdicom's DUL reactor, waiting in select() instead of sleeping (see above)."""
+
+    def __init__(self, assoc: Association, stir: Callable[[], None]) -> None:
+        super().__init__(assoc)
+        self._bell = _Doorbell()
+        self._stir = stir  # wakes the association thread
+        self.event_queue = _RingingQueue(self._bell.ring)
+        self.to_provider_queue = _RingingQueue(self._bell.ring)
+        self.to_user_queue = _RingingQueue(stir)
+
+    def run_reactor(self) -> None:
+        _receiving.assoc = self.assoc
+        try:
+            self._react()
+        finally:
+            self._bell.close()
+            self._stir()  # the association thread sees the DUL has ended
+
+    def _react(self) -> None:
+        self._idle_timer.start()
+        socket_ = cast(Any, self.socket)
+        while not self._kill_thread:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:  # encode and send a primitive, or receive and decode a PDU
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # as pynetdicom: an A-ABORT bypassing the state machine
+                _dul_log.error("Exception in DUL.run(), aborting association: %s", type(exc).__name__)
+                abort = A_ABORT_RQ()
+                abort.source, abort.reason_diagnostic = 0x02, 0x00
+                socket_.send(abort.encode())
+                self.assoc.is_aborted, self.assoc.is_established = True, False
+                self.assoc._kill = self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                self._wait()
+                continue
+            self.state_machine.do_action(event)  # what it gives the association thread stirs it
+
+    def _wait(self) -> None:
+        """Until the socket has data, a primitive or event is queued, or :data:`_IDLE_WAKE` passes. A
+        TLS socket's buffered bytes select() cannot see were looked at just before (``ready``)."""
+        waiting: list[Any] = [self._bell]
+        sock = self.socket
+        if sock is not None and sock._is_connected and sock.socket is not None and sock.socket.fileno() != -1:
+            waiting.append(sock.socket)
+        with contextlib.suppress(OSError, ValueError):
+            select.select(waiting, [], [], _IDLE_WAKE)
+        self._bell.quiet()
+
+    def kill_dul(self) -> None:
+        self._kill_thread = True
+        self._bell.ring()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self.kill_dul()
+        while self.is_alive() and threading.current_thread() is not self:
+            self.join(_IDLE_WAKE)
+        return True
+
+
+class _WholeReads(AssociationSocket):
+    """pynetdicom's connection socket, reading a PDU whole: its ``recv`` reads 4 KiB at a time, 128
+    reads (each through node.dicom.limits' guard) for a 512 KB PDU; this asks for all that is left, into
+    one buffer."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buffer = bytearray(nr_bytes)
+        count = 0
+        with memoryview(buffer) as view:
+            while count < nr_bytes:
+                got = cast(socket.socket, self.socket).recv_into(view[count:], nr_bytes - count)
+                if not got:  # the connection ended (or was aborted): what was read, as pynetdicom
+                    break
+                count += got
+        del buffer[count:]
+        return buffer
+
+
+class PromptAssociation(Association):
+    """pynetdicom's acceptor association, its reactor waiting to be stirred instead of sleeping."""
+
+    _stirred: threading.Event
+
+    def make_prompt(self) -> None:
+        """Take a :class:`PromptDUL` in place of the one pynetdicom made (its socket and timers
+        included); before the connection's handlers run and its threads start."""
+        self._stirred = threading.Event()
+        stock = self.dul
+        dul = PromptDUL(self, self._stirred.set)
+        dul.socket, dul.artim_timer, dul._idle_timer = stock.socket, stock.artim_timer, stock._idle_timer
+        while not stock.event_queue.empty():  # the connection's own event (Evt5), queued by the socket
+            dul.event_queue.put(stock.event_queue.get())
+        self.dul = dul
+        if type(dul.socket) is AssociationSocket:  # built by pynetdicom's handler, which names the class
+            dul.socket.__class__ = _WholeReads
+        self.dimse.msg_queue = _RingingQueue(self._stirred.set)
+
+    def kill(self) -> None:
+        self._kill = True
+        self._stirred.set()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self._stirred.wait(_IDLE_WAKE)
+            self._stirred.clear()  # before looking: a stir from now on wakes the next wait
+            # pynetdicom's pause for an acceptor that sends requests itself
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+                self._stirred.set()  # another may be queued
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released, self.is_established = True, False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+                self.is_aborted, self.is_established = True, False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                _dul_log.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+class PromptRequestHandler(RequestHandler):
+    """Each accepted connection's association made a :class:`PromptAssociation`."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.__class__ = PromptAssociation  # pynetdicom builds the Association class itself
+        cast(PromptAssociation, assoc).make_prompt()
+        return assoc
 
 
 def sending_ae(node: NodeSettings, sop_classes: Sequence[str] = (), timeout: float | None = None) -> AE:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
@@ -28,7 +28,7 @@ from node.config import Settings
 from node.db import Database
 from node.ingest import checks
 from node.ingest.conflicts import UID_CONFLICT, Conflicts
-from node.ingest.index import Arrival, Indexer
+from node.ingest.index import Arrival
 from node.privacy import failure
 from node.spool import InvalidUID, Spool, check_uid
 
@@ -103,13 +103,28 @@ def _opened(dataset: bytes | Path) -> Iterator[BinaryIO]:
         yield file
 
 
+class Indexing(Protocol):
+    """Where an accepted instance is handed: the node's Indexer, or, in a receiver process, its link
+    to the node's (node.ingest.receivers). Raises queue.Full when the index is far behind."""
+
+    def submit(self, arrival: Arrival) -> None: ...
+
+
+def _begins_with(body: BinaryIO, start: int, head: bytes) -> bool:
+    """Whether ``body``'s file is ``head`` (preamble and meta information), then the data set (from
+    ``start``)."""
+    body.seek(0)
+    return start == len(head) and body.read(len(head)) == head
+
+
 class Ingest:
-    def __init__(self, settings: Settings, db: Database, spool: Spool, indexer: Indexer) -> None:
+    def __init__(self, settings: Settings, db: Database, spool: Spool, indexer: Indexing) -> None:
         self.settings = settings
         self.db = db
         self.spool = spool
         self.indexer = indexer
         self.conflicts = Conflicts(db, spool)  # UIDs already taken elsewhere are refused
+        self._receiving = Path(os.path.abspath(spool.receiving))
 
     def accept(self, meta: FileMetaDataset, dataset: bytes | Path, origin: Origin) -> Arrival:
         """Store one instance, its data set as it came (never decoded and re-encoded) behind the meta
@@ -120,7 +135,7 @@ class Ingest:
         refused as out of resources, so the sender tries again later."""
         try:
             with _opened(dataset) as body:
-                return self._accept(meta, body, origin)
+                return self._accept(meta, body, origin, self._received(dataset))
         except Refused as refusal:
             self._audit_refusal(meta, origin, refusal)
             raise
@@ -130,7 +145,17 @@ class Ingest:
             self._audit_refusal(meta, origin, internal)
             raise internal from exc
 
-    def _accept(self, meta: FileMetaDataset, body: BinaryIO, origin: Origin) -> Arrival:
+    def _received(self, dataset: bytes | Path) -> Path | None:
+        """``dataset`` where it is a listener's file under the spool's ``receiving/`` folder (a receiver
+        process has a folder of its own there): the node's own, never acknowledged, removed once the
+        C-STORE is answered — so it may become the spool file."""
+        if isinstance(dataset, Path) and Path(os.path.abspath(dataset)).is_relative_to(self._receiving):
+            return dataset
+        return None
+
+    def _accept(
+        self, meta: FileMetaDataset, body: BinaryIO, origin: Origin, received: Path | None
+    ) -> Arrival:
         start = body.tell()
         size = body.seek(0, os.SEEK_END) - start
         body.seek(start)
@@ -159,13 +184,13 @@ class Ingest:
         if (conflict := self.conflicts.check(arrival)) is not None:
             raise Refused(UID_CONFLICT, conflict)
 
-        body.seek(start)
-        with (
-            self.spool.staged_instance(
-                arrival.study_uid, arrival.series_uid, arrival.sop_uid, head, body
-            ) as staged,
-            self.conflicts.settling(arrival),
-        ):  # the complete file, fsynced, beside its place
+        ids = (arrival.study_uid, arrival.series_uid, arrival.sop_uid)
+        if received is not None and _begins_with(body, start, head):  # written as the node writes it (see
+            staging = self.spool.adopted_instance(*ids, received)  # node.dicom.network.receive_to_disk)
+        else:
+            body.seek(start)
+            staging = self.spool.staged_instance(*ids, head, body)
+        with staging as staged, self.conflicts.settling(arrival):  # the complete file beside its place
             settled = self.conflicts.settle(arrival, staged.temp)  # None: the spool has this data set
             arrival = replace(settled or arrival, path=staged.path if settled is None else staged.commit())
         try:

@@ -22,9 +22,14 @@ instance aside (node.ingest.index.set_aside).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import threading
+import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
 # send this instance again as it is, and an administrator can tell it from an unreadable data set.
 UID_CONFLICT = 0xC0C1
 SUPERSEDED = "superseded"  # beside the spool's incoming/: earlier versions of corrected instances
+SETTLING_LOCK = "settling.lock"  # beside the spool's incoming/: see Conflicts.settling
+_STRIPES = 64
 
 PatientKey = tuple[str, str]  # (PatientID, PatientName) as the index stores them
 _T = TypeVar("_T")
@@ -137,14 +144,26 @@ class Conflicts:
         self._series: OrderedDict[str, str] = OrderedDict()  # series → study
         self._instances: OrderedDict[str, tuple[str, str]] = OrderedDict()  # SOP → study, series
         self._unchecked: OrderedDict[str, bool] = OrderedDict()  # SOPs checked without the database
-        self._settling = [threading.Lock() for _ in range(64)]  # by SOP Instance UID, striped
+        self._settling = [threading.Lock() for _ in range(_STRIPES)]  # by SOP Instance UID, striped
+        # the same stripes across processes (node.ingest.receivers): a byte each of one lock file, held
+        # with POSIX record locks, which the kernel drops with a process that dies holding one
+        self._settling_file = os.open(
+            spool.root / SETTLING_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
 
-    def settling(self, arrival: Arrival) -> threading.Lock:
+    @contextlib.contextmanager
+    def settling(self, arrival: Arrival) -> Iterator[None]:
         """What to hold from :meth:`settle` until what it returns is committed: two associations that
-        store the same instance at once must not both compare with the same file (one version would
-        be replaced without being kept), nor may one acknowledge a duplicate of a file whose rename
-        the other has not made durable yet."""
-        return self._settling[hash(arrival.sop_uid) % len(self._settling)]
+        store the same instance at once — in this process or another receiver process — must not both
+        compare with the same file (one version would be replaced without being kept), nor may one
+        acknowledge a duplicate of a file whose rename the other has not made durable yet."""
+        stripe = zlib.crc32(arrival.sop_uid.encode()) % _STRIPES  # the same in every process
+        with self._settling[stripe]:  # record locks are the process's: threads take turns first
+            fcntl.lockf(self._settling_file, fcntl.LOCK_EX, 1, stripe)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self._settling_file, fcntl.LOCK_UN, 1, stripe)
 
     def check(self, arrival: Arrival) -> str | None:
         """Why ``arrival`` must be refused (audited as ``instance.conflict``), or None. Where the
@@ -206,22 +225,22 @@ class Conflicts:
         Nothing where the database cannot be asked: the arrival is accepted all the same, and not
         remembered, since the index may yet set it aside."""
         study_patient, series_study, instance_place = None, None, None
-        try:
-            with self.db.session() as session:
+        try:  # a connection, not an ORM session: read-only look-ups on the acknowledgement's path
+            with self.db.engine.connect() as connection:
                 if need_study:
-                    patient = session.execute(
+                    patient = connection.execute(
                         select(Patient.patient_id, Patient.patient_name)
                         .join(Study, Study.patient_fk == Patient.id)
                         .where(Study.study_uid == arrival.study_uid)
                     ).first()
                     study_patient = (patient[0], patient[1]) if patient else None
-                    series_study = session.scalar(
+                    series_study = connection.scalar(
                         select(Study.study_uid)
                         .join(Series, Series.study_fk == Study.id)
                         .where(Series.series_uid == arrival.series_uid)
                     )
                 if need_instance:
-                    place = session.execute(
+                    place = connection.execute(
                         select(Study.study_uid, Series.series_uid)
                         .join(Series, Series.study_fk == Study.id)
                         .join(Instance, Instance.series_fk == Series.id)

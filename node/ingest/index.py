@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,15 +99,53 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return value if -(2**31) <= value < 2**31 else None
 
 
-def index_arrival(session: Session, arrival: Arrival, study_settings: StudySettings) -> Indexed:
-    """Insert or update the rows for one stored instance; its series' readiness follows. Raises
-    UIDConflict, having changed nothing, for an instance whose UIDs are taken elsewhere
-    (node.ingest.conflicts): one accepted while the database could not be asked."""
+@dataclass
+class _Known:
+    """The study, series and instance rows of a batch's arrivals, by UID, looked up together and added
+    to as the batch makes new ones: one query per kind per batch, not three queries and a flush per
+    arrival (the indexer's cost, and the GIL it holds, while an association streams in)."""
+
+    studies: dict[str, Study]
+    series: dict[str, Series]
+    instances: dict[str, Instance]
+
+    @classmethod
+    def of(cls, session: Session, arrivals: Sequence[Arrival]) -> _Known:
+        return cls(
+            {
+                row.study_uid: row
+                for row in session.scalars(
+                    select(Study).where(Study.study_uid.in_({a.study_uid for a in arrivals}))
+                )
+            },
+            {
+                row.series_uid: row
+                for row in session.scalars(
+                    select(Series).where(Series.series_uid.in_({a.series_uid for a in arrivals}))
+                )
+            },
+            {
+                row.sop_uid: row
+                for row in session.scalars(
+                    select(Instance).where(Instance.sop_uid.in_({a.sop_uid for a in arrivals}))
+                )
+            },
+        )
+
+
+def index_arrival(
+    session: Session, arrival: Arrival, study_settings: StudySettings, known: _Known | None = None
+) -> Indexed:
+    """Insert or update the rows for one stored instance; its series' readiness follows. ``known``:
+    the rows of its batch (default: looked up for it alone). Raises UIDConflict, having changed
+    nothing, for an instance whose UIDs are taken elsewhere (node.ingest.conflicts): one accepted
+    while the database could not be asked."""
     now = utcnow()
     ds = arrival.header
-    study = session.scalar(select(Study).where(Study.study_uid == arrival.study_uid))
-    series = session.scalar(select(Series).where(Series.series_uid == arrival.series_uid))
-    instance = session.scalar(select(Instance).where(Instance.sop_uid == arrival.sop_uid))
+    known = known or _Known.of(session, [arrival])
+    study = known.studies.get(arrival.study_uid)
+    series = known.series.get(arrival.series_uid)
+    instance = known.instances.get(arrival.sop_uid)
     conflict = conflict_with(
         arrival,
         (study.patient.patient_id, study.patient.patient_name) if study else None,
@@ -134,8 +172,10 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
             first_received_at=now,
         )
         session.add(study)
+        known.studies[arrival.study_uid] = study
     study.last_received_at = now
 
+    announced = completion.announcement(ds)
     if series is None:
         series = Series(
             series_uid=arrival.series_uid,
@@ -147,15 +187,18 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
             calling_ae=storable(arrival.calling_ae),
             called_ae=storable(arrival.called_ae),
             header=encode(ds),
+            announced=announced,
             status=SeriesStatus.RECEIVING,  # read below, before a flush would set the default
             first_received_at=now,
         )
         session.add(series)
+        known.series[arrival.series_uid] = series
 
     duplicate = instance is not None
     if instance is None:
         instance = Instance(sop_uid=arrival.sop_uid, series=series, times_received=1)
         session.add(instance)
+        known.instances[arrival.sop_uid] = instance
         series.instance_count = (series.instance_count or 0) + 1
     else:
         instance.times_received += 1
@@ -178,7 +221,7 @@ def index_arrival(session: Session, arrival: Arrival, study_settings: StudySetti
             new_sha256=arrival.supersedes.new_sha256,
         )
     identical = duplicate and arrival.supersedes is None
-    late = completion.arrived(series, study_settings, now, identical)
+    late = completion.arrived(session, series, study_settings, now, identical, announced)
     return Indexed(
         duplicate=duplicate, identical=identical, late=late, series_ready=series.status == SeriesStatus.READY
     )
@@ -201,6 +244,7 @@ def index_arrivals(
     became ready."""
     ready = False
     with db.session() as session:
+        known = _Known.of(session, arrivals)
         for arrival in arrivals:
             if not arrival.path.is_file():
                 # Deleted between its acknowledgement and now (its study deleted by an admin or by
@@ -213,7 +257,7 @@ def index_arrivals(
                     reason="its file was deleted before it was indexed",
                 )
                 continue
-            indexed = index_arrival(session, arrival, study_settings)
+            indexed = index_arrival(session, arrival, study_settings, known)
             ready = ready or indexed.series_ready
             audit.record(
                 session,
@@ -224,7 +268,6 @@ def index_arrivals(
                 identical=indexed.identical,
                 late=indexed.late,
             )
-            session.flush()  # the next arrival of the batch sees this one's rows
     return ready
 
 
@@ -295,6 +338,16 @@ class _Queued:
     action: str  # its audit action: stored, or reindexed (found by reconciliation)
 
 
+@dataclass(frozen=True)
+class _Complete:
+    """A declaration that these series, and every series of these studies, are complete as of
+    everything queued before it (node.ingest.completion.declare_complete)."""
+
+    series_uids: frozenset[str]
+    study_uids: frozenset[str]
+    reason: str
+
+
 @dataclass
 class _Outage:
     started: float  # time.monotonic()
@@ -313,12 +366,16 @@ class Indexer:
     QUEUED = 10_000
     RETRY_FIRST, RETRY_MAX = 0.5, 4.0  # seconds between tries while the database is unavailable
     STOP_WAIT = 60.0  # seconds stop() waits for the thread: what is left is indexed at the next start
+    DECLARE_WAIT = 5.0  # seconds a completion declaration waits for room in a full queue
+    # Seconds a batch waits for more arrivals after its first: while an association streams in, one
+    # transaction (and its commit and audit chaining) per burst rather than per instance or two.
+    LINGER = 0.1
 
     def __init__(self, db: Database, study_settings: StudySettings, on_ready: Callable[[], None]) -> None:
         self.db = db
         self.study_settings = study_settings
         self.on_ready = on_ready
-        self._queue: queue.Queue[_Queued | None] = queue.Queue(maxsize=self.QUEUED)
+        self._queue: queue.Queue[_Queued | _Complete | None] = queue.Queue(maxsize=self.QUEUED)
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[Arrival, float]] = {}  # by ticket: the arrival, since when
         self._tickets = itertools.count()
@@ -346,6 +403,23 @@ class Indexer:
         except queue.Full:
             self._done([ticket])
             raise
+
+    def complete(self, series: Collection[tuple[str, str]], reason: str) -> None:
+        """Declare these (study UID, series UID) series complete as of everything submitted before this
+        call: once that is indexed, those still receiving become ready at once, audited with
+        ``reason`` (what declared them complete). Called when a forwarder's association is released."""
+        self._declare(_Complete(frozenset(uid for _, uid in series), frozenset(), reason))
+
+    def complete_study(self, study_uid: str, reason: str) -> None:
+        """Declare every series of a study complete as of everything submitted before this call, as
+        :meth:`complete` does (a study-complete notification)."""
+        self._declare(_Complete(frozenset(), frozenset({study_uid}), reason))
+
+    def _declare(self, declaration: _Complete) -> None:
+        try:
+            self._queue.put(declaration, timeout=self.DECLARE_WAIT)
+        except queue.Full:  # the database has fallen far behind: the quiet period will do
+            log.warning("indexer full: a completion declaration (%s) is dropped", declaration.reason)
 
     def unindexed(self) -> Unindexed:
         """A snapshot of what was handed over and is not indexed (or set aside) yet."""
@@ -383,20 +457,24 @@ class Indexer:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch: list[_Queued] = []
+            batch: list[_Queued | _Complete] = []
+            deadline = 0.0
             while len(batch) < self.BATCH:
                 try:
-                    item = self._queue.get(block=not batch)
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()) if batch else None)
                 except queue.Empty:
                     break
                 if item is None:
                     stopping = True
                     break
                 batch.append(item)
+                deadline = deadline or time.monotonic() + self.LINGER
+                if isinstance(item, _Complete):  # a declaration is waited for: index what it follows now
+                    break
             if batch and not self._index_until_done(batch):
                 return
 
-    def _index_until_done(self, batch: list[_Queued]) -> bool:
+    def _index_until_done(self, batch: list[_Queued | _Complete]) -> bool:
         """Index ``batch``, trying again, backing off, while that fails for a reason of the node's own
         (the database, or the quarantine folder), never the arrival's. Returns False when the node
         stops first."""
@@ -446,29 +524,51 @@ class Indexer:
         except Exception:  # the database failing again: the log line above keeps the figures
             log.exception("could not audit the indexing outage")
 
-    def _index(self, batch: list[_Queued]) -> bool:
-        """Index ``batch``, removing each arrival from it once indexed or set aside: those with the same
-        action in one transaction; when that fails for a reason other than the database, one at a
-        time, setting aside (and auditing) any that cannot be indexed. Raises when the node failed,
-        what is left in ``batch`` to be tried again. Returns whether a series became ready."""
+    def _index(self, batch: list[_Queued | _Complete]) -> bool:
+        """Index ``batch`` in order, removing each item from it once done: arrivals with the same action
+        in one transaction; when that fails for a reason other than the database, one at a time,
+        setting aside (and auditing) any that cannot be indexed; a completion declaration once the
+        arrivals before it are. Raises when the node failed, what is left in ``batch`` to be tried
+        again. Returns whether a series may have become ready."""
         ready = False
         while batch:
-            action = batch[0].action
-            size = next((i for i, queued in enumerate(batch) if queued.action != action), len(batch))
-            group = batch[:size]
+            first = batch[0]
+            if isinstance(first, _Complete):
+                try:
+                    completion.declare_complete(
+                        self.db, first.series_uids, first.study_uids, first.reason, self.unindexed()
+                    )
+                except DATABASE_UNAVAILABLE:
+                    raise
+                except Exception as exc:  # never hold up indexing for it: the quiet period will do
+                    log.error("a completion declaration (%s) failed: %s", first.reason, failure(exc))
+                ready = True  # a study may have become stable even where no series became ready
+                batch.pop(0)
+                continue
+            arrivals: list[_Queued] = []  # the arrivals up to the next declaration or other action
+            for item in batch:
+                if not isinstance(item, _Queued) or item.action != first.action:
+                    break
+                arrivals.append(item)
             try:
-                made_ready = index_arrivals(self.db, [q.arrival for q in group], self.study_settings, action)
+                made_ready = index_arrivals(
+                    self.db, [q.arrival for q in arrivals], self.study_settings, first.action
+                )
             except DATABASE_UNAVAILABLE:
                 raise
             except Exception as exc:
-                log.error("indexing %d arrival(s) together failed, each tried alone: %s", size, failure(exc))
-                for queued in group:
-                    alone = index_or_set_aside(self.db, queued.arrival, self.study_settings, action)
+                log.error(
+                    "indexing %d arrival(s) together failed, each tried alone: %s",
+                    len(arrivals),
+                    failure(exc),
+                )
+                for queued in arrivals:
+                    alone = index_or_set_aside(self.db, queued.arrival, self.study_settings, first.action)
                     ready = ready or bool(alone)
                     batch.pop(0)
                     self._done([queued.ticket])
                 continue
             ready = ready or made_ready
-            del batch[:size]
-            self._done(q.ticket for q in group)
+            del batch[: len(arrivals)]
+            self._done(q.ticket for q in arrivals)
         return ready

@@ -11,7 +11,12 @@ escapes into pynetdicom.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+import socket
+import threading
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from pydicom import Dataset
 from pynetdicom import evt
@@ -21,7 +26,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import audit
 from node.config import Settings
 from node.db import Database
-from node.dicom.limits import ListenerGuard, ListenerLoad
+from node.dicom.limits import ConnectionsElsewhere, ListenerGuard, ListenerLoad
 from node.dicom.network import (
     SOCKET_HANDLERS,
     calling_ae_allowed,
@@ -41,6 +46,28 @@ BROKEN = "association.aborted"  # the audit action of an association aborted for
 
 SUCCESS = 0x0000
 
+Complete = Callable[[Collection[tuple[str, str]], str], None]  # node.ingest.index.Indexer.complete
+
+
+class Address(NamedTuple):
+    """Where the listener listens."""
+
+    host: str
+    port: int
+    tls: bool
+
+
+def addresses(settings: Settings) -> list[Address]:
+    """The plain listener, and beside it the DICOM TLS one where ``[tls] dicom_port`` is set: many
+    modalities cannot do TLS, so TLS is a port of its own (DICOM's 2762), not a switch of the one."""
+    node, tls = settings.node, settings.tls
+    plain = Address(node.dicom_host, node.dicom_port, False)
+    return (
+        [plain, Address(tls.dicom_host or node.dicom_host, tls.dicom_port, True)]
+        if tls.dicom_port
+        else [plain]
+    )
+
 
 def _origin(event: Any) -> Origin:
     requestor = event.assoc.requestor
@@ -52,30 +79,50 @@ def _origin(event: Any) -> Origin:
 
 
 class Receiver:
-    """Runs the SCP in background threads."""
+    """Runs the SCP in background threads: in the node's process, or in each receiver process
+    (node.ingest.receivers), which passes the sockets the node bound, the connections the other
+    processes hold and a folder of its own for data sets being received."""
 
-    def __init__(self, settings: Settings, db: Database, ingest: Ingest) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        ingest: Ingest,
+        complete: Complete,
+        sockets: Mapping[Address, socket.socket] | None = None,
+        elsewhere: ConnectionsElsewhere | None = None,
+        receiving: Path | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.ingest = ingest
+        self.complete = complete
+        self.sockets = sockets or {}
+        self.receiving = receiving or ingest.spool.receiving
         self._servers: list[ThreadedAssociationServer] = []
         self.refusals = RefusalLog(self._write_refusal, settings.node.refusal_audit_seconds)
-        self.guard = ListenerGuard(settings.node, self.refusals.note)
+        self.guard = ListenerGuard(settings.node, self.refusals.note, elsewhere or ConnectionsElsewhere())
+        self._forwarders = set(settings.study.forwarders)
+        self._delivered: dict[Any, set[tuple[str, str]]] = {}  # by association: series a forwarder sent
+        self._delivered_lock = threading.Lock()
 
     def start(self) -> None:
-        """The plain listener, and beside it the DICOM TLS one where ``[tls] dicom_port`` is set: many
-        modalities cannot do TLS, so TLS is a port of its own (DICOM's 2762), not a switch of the one."""
-        node, tls = self.settings.node, self.settings.tls
-        receive_to_disk(self.ingest.spool.receiving)  # C-STORE data sets to disk, not to memory
+        self.receiving.mkdir(parents=True, exist_ok=True)
+        receive_to_disk(self.receiving)  # C-STORE data sets to disk, not to memory
         self.refusals.start()
-        self._listen(node.dicom_host, node.dicom_port, [])
-        if tls.dicom_port:
-            context = server_context(tls, client_certificates=True)
-            handshake = listener_handlers(context, node.association_setup_seconds, self._on_tls_refused)
-            self._listen(tls.dicom_host or node.dicom_host, tls.dicom_port, handshake)
+        for address in addresses(self.settings):
+            handshake: list[EventHandlerType] = []
+            if address.tls:
+                context = server_context(self.settings.tls, client_certificates=True)
+                setup = self.settings.node.association_setup_seconds
+                handshake = listener_handlers(context, setup, self._on_tls_refused)
+            self._listen(address, handshake)
 
-    def _listen(self, host: str, port: int, first_handlers: list[EventHandlerType]) -> None:
-        server = listening_ae(self.settings.node, self.guard).start_server(
+    def _listen(self, address: Address, first_handlers: list[EventHandlerType]) -> None:
+        ae = listening_ae(self.settings.node, self.guard)
+        ae.listening_socket = self.sockets.get(address)
+        host, port = address.host, address.port
+        server = ae.start_server(
             (host, port),
             block=False,
             evt_handlers=[
@@ -88,7 +135,9 @@ class Receiver:
                 (evt.EVT_ACCEPTED, self._on_accepted),
                 (evt.EVT_REJECTED, self._on_rejected),
                 (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_RELEASED, self._on_released),
                 (evt.EVT_CONN_CLOSE, lambda event: discard_partial_data_set(event.assoc)),
+                (evt.EVT_CONN_CLOSE, self._forget),
             ],
         )
         assert server is not None  # non-blocking: pynetdicom returns the running server
@@ -150,7 +199,7 @@ class Receiver:
         """Audited with the SOP classes whose contexts were rejected (``unknown_sop_classes = "refuse"``)."""
         refused = sorted(str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts)
         detail: dict[str, Any] = {"refused_sop_classes": refused} if refused else {}
-        _origin(event).audit(self.db, "association.accepted", **detail)
+        _origin(event).audit(self.db, "association.accepted", process=os.getpid(), **detail)
 
     def _on_rejected(self, event: Any) -> None:
         assoc = event.assoc
@@ -170,8 +219,9 @@ class Receiver:
         """The data set was received to a file (see node.dicom.network.receive_to_disk), which
         pynetdicom deletes once this returns. A refusal's reason goes back as the Error Comment, so
         the sender's log says why."""
+        origin = _origin(event)
         try:
-            self.ingest.accept(event.file_meta, event.dataset_path, _origin(event))
+            arrival = self.ingest.accept(event.file_meta, event.dataset_path, origin)
         except Refused as refusal:  # accept audits its refusals and raises nothing else
             status = Dataset()
             status.Status = refusal.status
@@ -180,4 +230,23 @@ class Receiver:
         except Exception as exc:  # pynetdicom could not hand the request over: the sender tries again later
             log.error("C-STORE request unreadable: %s", failure(exc))
             return OUT_OF_RESOURCES
+        if origin.calling_ae in self._forwarders:
+            with self._delivered_lock:
+                self._delivered.setdefault(event.assoc, set()).add((arrival.study_uid, arrival.series_uid))
         return SUCCESS
+
+    def _on_released(self, event: Any) -> None:
+        """A forwarder sends a series whole in one association: once it releases the association,
+        the series it delivered are complete (after their arrivals: accept handed them over first)."""
+        delivered = self._forget(event)
+        if delivered:
+            calling_ae = event.assoc.requestor.ae_title.strip()
+            try:
+                self.complete(sorted(delivered), f"association released by forwarder {calling_ae}")
+            except Exception:  # the quiet period completes them all the same
+                log.exception("completing what forwarder %s delivered failed", calling_ae)
+
+    def _forget(self, event: Any) -> set[tuple[str, str]]:
+        """What the association delivered, no longer kept (an aborted one's series stay incomplete)."""
+        with self._delivered_lock:
+            return self._delivered.pop(event.assoc, set())

@@ -2,8 +2,9 @@
 
 Each slot is a thread of the node driving its own process: a job that crashes its process, runs past
 its time limit (scaled to its series: :func:`node.jobs.store.time_limit`) or raises fails alone, and the
-slot starts a fresh process. Processes are started with ``spawn`` (no fork of a threaded parent) and
-keep their models loaded between jobs.
+slot starts a fresh process. Processes are started with ``spawn`` (no fork of a threaded parent) when
+the pool starts and again after a crash; each loads every model package the routes name before it
+takes a job (so no job waits seconds for its model), and keeps them loaded between jobs.
 """
 
 from __future__ import annotations
@@ -12,16 +13,28 @@ import logging
 import multiprocessing
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from node.config import load_plugins
+from node import audit
+from node.config import Settings, load_plugins
 from node.jobs.executor import ExecutorContext, register_executor
-from node.jobs.run import JobOutput, Task, run_job
+from node.jobs.run import (
+    JobOutput,
+    PackageRef,
+    Preloaded,
+    Task,
+    prefer_faster_runtime,
+    preload,
+    run_job,
+    try_faster_runtime,
+)
 from node.jobs.store import Claim, JobFailed
-from node.runtime.model import set_threads
+from node.runtime.model import DEFAULT_BATCH, set_batch, set_threads
 from node.runtime.package import ModelMissing, ModelRefused
 
 log = logging.getLogger(__name__)
@@ -29,11 +42,38 @@ log = logging.getLogger(__name__)
 Work = Callable[[Task], JobOutput]
 
 
-def _worker_main(conn: Connection, torch_threads: int, plugins: Sequence[str], work: Work) -> None:
-    """A worker process: run tasks until the parent closes the pipe."""
-    set_threads(torch_threads)
-    load_plugins(plugins)  # output writers a plug-in registers run here
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What each worker process starts with."""
+
+    torch_threads: int
+    batch_images: int = DEFAULT_BATCH
+    plugins: Sequence[str] = ()
+    models_dir: str = ""
+    packages: Sequence[PackageRef] = ()  # loaded before the first job (the routes' models)
+    ready_seconds: float = 120.0  # to start and load them; past it the process is stopped
+    runtime_cache: str = ""  # ONNX exports, tried while idle where ONNX Runtime may be faster; "": never
+
+
+def routed_packages(settings: Settings) -> list[PackageRef]:
+    """Every model package the routes name, main and companions, each once, in route order."""
+    refs = [(route.model, route.model_version) for route in settings.routes]
+    refs += [(name, None) for route in settings.routes for name in route.models.values()]
+    return list(dict.fromkeys(refs))
+
+
+def _worker_main(conn: Connection, setup: WorkerSetup, work: Work) -> None:
+    """A worker process: load the routes' models, say what it loaded, then run tasks until the parent
+    closes the pipe."""
+    set_threads(setup.torch_threads)
+    set_batch(setup.batch_images)
+    prefer_faster_runtime(setup.runtime_cache or None)
+    load_plugins(setup.plugins)  # output writers a plug-in registers run here
+    conn.send(("ready", preload(setup.models_dir, setup.packages)))
     while True:
+        if not conn.poll(0) and (faster := try_faster_runtime()) is not None:  # idle: no job waits
+            conn.send(("runtime", faster))
+            continue
         try:
             task: Task = conn.recv()
         except EOFError:
@@ -49,26 +89,31 @@ def _worker_main(conn: Connection, torch_threads: int, plugins: Sequence[str], w
 
 
 class WorkerSlot:
-    """One worker process, started on first use and after a crash or a timeout."""
+    """One worker process, started by :meth:`start` (or on first use) and again after a crash or a
+    timeout; each start loads the routes' models before the slot takes a job, and hands what it loaded
+    to ``on_ready``."""
 
-    def __init__(self, torch_threads: int, work: Work = run_job, plugins: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        setup: WorkerSetup,
+        work: Work = run_job,
+        on_ready: Callable[[list[Preloaded]], None] = lambda _loaded: None,
+    ) -> None:
         self._context = multiprocessing.get_context("spawn")
-        self._torch_threads = torch_threads
-        self._plugins = list(plugins)
+        self._setup = setup
         self._work = work  # a module-level function, so the spawned process can import it
+        self._on_ready = on_ready
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._interrupted = False  # by interrupt(), until clear_interrupt() before the next job
 
-    def _ensure(self) -> Connection:
+    def start(self) -> Connection:
+        """The running worker's pipe, starting a worker (and waiting while it loads) if none runs."""
         if self._process is None or not self._process.is_alive() or self._conn is None:
             self.close()
             parent, child = self._context.Pipe()
             process = self._context.Process(
-                target=_worker_main,
-                args=(child, self._torch_threads, self._plugins, self._work),
-                daemon=True,
-                name="ainode-worker",
+                target=_worker_main, args=(child, self._setup, self._work), daemon=True, name="ainode-worker"
             )
             try:  # kept only once started: closing a process never started would raise, not fail the job
                 process.start()
@@ -78,16 +123,37 @@ class WorkerSlot:
             finally:
                 child.close()
             self._process, self._conn = process, parent
+            self._on_ready(self._ready(parent))
         return self._conn
 
+    def _ready(self, conn: Connection) -> list[Preloaded]:
+        """What a worker just started says it loaded; a worker that dies or says nothing in time is
+        stopped, and the job that needed it fails as it would have."""
+        try:
+            reply = conn.recv() if conn.poll(self._setup.ready_seconds) else None
+        except (EOFError, OSError):
+            self.close()
+            raise JobFailed("crashed", "worker process died while loading its models") from None
+        if reply is None:
+            self.close()
+            raise JobFailed("timeout", f"worker not ready after {self._setup.ready_seconds:.0f} s; stopped")
+        _, report = reply
+        loaded: list[Preloaded] = report
+        return loaded
+
     def run(self, task: Task, timeout: float) -> JobOutput:
-        conn = self._ensure()
+        conn = self.start()
         if self._interrupted:  # interrupted while its process was starting
             self.interrupt()
+        deadline = time.monotonic() + timeout
         try:
             conn.send(task)
-            ready = conn.poll(timeout)
-            reply = conn.recv() if ready else None
+            while True:  # what the worker did while idle (a faster runtime) comes before the reply
+                ready = conn.poll(max(0.0, deadline - time.monotonic()))
+                reply = conn.recv() if ready else None
+                if reply is None or reply[0] != "runtime":
+                    break
+                self._on_ready([reply[1]])
         except (EOFError, OSError):
             code = None
             if self._process is not None:
@@ -133,8 +199,18 @@ class LocalPool:
 
     def __init__(self, context: ExecutorContext, work: Work = run_job) -> None:
         self.context = context
-        node = context.settings.node
-        self._slots = [WorkerSlot(node.torch_threads, work, node.plugins) for _ in range(node.workers)]
+        settings = context.settings
+        setup = WorkerSetup(
+            settings.node.torch_threads,
+            settings.jobs.batch_images,
+            settings.node.plugins,
+            str(settings.node.models_dir),
+            routed_packages(settings),
+            settings.jobs.timeout_base_seconds,
+            str(settings.node.data_dir / "runtimes") if settings.jobs.onnx_runtime == "when_faster" else "",
+        )
+        self._slots = [WorkerSlot(setup, work, self._preloaded) for _ in range(settings.node.workers)]
+        self._refused: set[tuple[str, str]] = set()  # (package, error) already audited
         self._queue: queue.Queue[Claim | None] = queue.Queue()
         self._lock = threading.Lock()
         self._outstanding: set[int] = set()  # submitted and not yet ended: waiting or running
@@ -172,7 +248,7 @@ class LocalPool:
     def shutdown(self) -> None:
         self._stopping.set()
         with self._lock:
-            for slot in self._running.values():
+            for slot in self._slots:  # running a job, or still loading its models
                 slot.interrupt()
         for _ in self._threads:
             self._queue.put(None)
@@ -181,7 +257,37 @@ class LocalPool:
         for slot in self._slots:
             slot.close()
 
+    def _preloaded(self, loaded: list[Preloaded]) -> None:
+        """Log what a worker loaded; a package it could not load is logged and audited (once per error
+        while the node runs) and fails only the jobs that need it."""
+        for package in loaded:
+            if not package.error:
+                log.info("worker loaded %s in %.1f s: %s", package.name, package.seconds, package.runtime)
+                continue
+            log.error("worker could not load model package %s: %s", package.name, package.error)
+            with self._lock:
+                new = (package.name, package.error) not in self._refused
+                self._refused.add((package.name, package.error))
+            if not new:
+                continue
+            try:
+                audit.append(
+                    self.context.store.db,
+                    "model.load_failed",
+                    outcome="failure",
+                    package=package.name,
+                    error=package.error.splitlines()[0],
+                )
+            except Exception:  # the database is away: the log has it; the worker still takes jobs
+                log.exception("auditing the failed load of %s failed", package.name)
+
     def _loop(self, slot: WorkerSlot) -> None:
+        if not self._stopping.is_set():
+            try:  # load the models now, not when the first job comes
+                slot.start()
+            except Exception:  # the first job starts it again, and fails as it should if it cannot
+                if not self._stopping.is_set():  # not merely stopped while loading
+                    log.exception("starting a worker failed")
         while (claim := self._queue.get()) is not None:
             job_id = claim.spec.job_id
             with self._lock:

@@ -151,6 +151,7 @@ class JobStore:
                 model_sha256=output.model.sha256,
                 analysed=output.outcome.get("analysed"),
                 summary=output.summary,
+                models_loaded=list(output.models_loaded),  # empty where the worker had preloaded them
             )
             destinations = job.destinations.get("names", [])
             for written in output.results:

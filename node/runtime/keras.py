@@ -10,6 +10,7 @@ before softmax.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banner is not the node's log
@@ -77,13 +78,18 @@ class KerasModel(PackagedModel):
         outputs = softmax(logits) if self.outputs_probabilities else logits
         return np.asarray(features).transpose(0, 3, 1, 2), outputs
 
-    def _gradient_cam(self, x: np.ndarray, label_index: int) -> np.ndarray:
-        with tf.GradientTape() as tape:
+    def _gradient_cam(self, x: np.ndarray, label_indices: Sequence[int]) -> np.ndarray:
+        """One forward pass under a persistent tape, one gradient per label."""
+        with tf.GradientTape(persistent=True) as tape:
             source, features = self._probe(self._channels_last(x), training=False)
-            score = tf.reduce_sum(self._logits(source)[:, label_index])
-        gradient = tape.gradient(score, features)
-        weights = tf.reduce_mean(gradient, axis=(1, 2), keepdims=True)
-        return np.asarray(tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)))
+            logits = self._logits(source)
+            scores = [tf.reduce_sum(logits[:, label_index]) for label_index in label_indices]
+        maps = []
+        for score in scores:
+            weights = tf.reduce_mean(tape.gradient(score, features), axis=(1, 2), keepdims=True)
+            maps.append(np.asarray(tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))))
+        del tape
+        return np.stack(maps)
 
     def _classifier_weights(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         try:

@@ -15,7 +15,7 @@ w_ck / (h w): Grad-CAM is CAM (Zhou et al. 2016), sum_k w_ck A_k, up to a positi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -28,7 +28,9 @@ from node.runtime.package import Manifest, ModelPackage
 T = TypeVar("T")
 Method = Literal["auto", "gradient", "cam"]
 CLASSIFIER_TOLERANCE = 1e-3  # relative: how closely GAP + the named layer must reproduce the outputs
+DEFAULT_BATCH = 16  # images per forward pass unless set_batch says otherwise
 _threads = 0  # see set_threads
+_batch = DEFAULT_BATCH  # see set_batch
 
 
 def set_threads(count: int) -> None:
@@ -47,6 +49,29 @@ def threads() -> int:
     return _threads
 
 
+def batch() -> int:
+    """What :func:`set_batch` set: a handler that streams a series hands the model this many images at a
+    time, so each pass is the one :func:`chunked` would have made."""
+    return _batch
+
+
+def set_batch(images: int) -> None:
+    """Images per forward pass in this process. Every runtime call is split into passes of at most this
+    many, so a handler can hand over a whole series: memory stays bounded by the batch, while a batch
+    large enough to keep the cores busy costs less per image than one image at a time."""
+    global _batch
+    if images < 1:
+        raise ValueError(f"batch of {images} images: at least 1")
+    _batch = images
+
+
+def chunked(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """``run`` over ``x`` in passes of at most :func:`set_batch`'s images, results joined on ``axis``."""
+    if len(x) <= _batch:
+        return run(x)
+    return np.concatenate([run(x[i : i + _batch]) for i in range(0, len(x), _batch)], axis=axis)
+
+
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     shifted = logits - logits.max(axis=axis, keepdims=True)
     exp = np.exp(shifted)
@@ -58,6 +83,7 @@ class PackagedModel(ABC):
 
     outputs_probabilities = False  # the network itself ends in softmax (common in Keras models)
     has_gradients = True  # ONNX Runtime has none: explanations need the fast path there
+    runtime_choice = ""  # why this runtime runs the package, where measured (node.runtime.fastest)
 
     def __init__(self, package: ModelPackage) -> None:
         self._package = package
@@ -74,14 +100,21 @@ class PackagedModel(ABC):
         """(feature maps of the target layer, NCHW; the network's outputs) from one forward pass."""
 
     @abstractmethod
-    def _gradient_cam(self, x: np.ndarray, label_index: int) -> np.ndarray:
-        """(N, h, w) Grad-CAM at the target layer's resolution, ReLU applied, from the logit's gradient."""
+    def _gradient_cam(self, x: np.ndarray, label_indices: Sequence[int]) -> np.ndarray:
+        """(L, N, h, w) Grad-CAM at the target layer's resolution, ReLU applied, from each label's logit's
+        gradient: one forward pass, one backward pass per label."""
 
     @abstractmethod
     def _classifier_weights(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(weights (L, K), bias (L,)) of the linear layer ``name``."""
 
     # -- the package -------------------------------------------------------------------------------
+    def standing_for(self, source: ModelPackage) -> PackagedModel:
+        """This model, a conversion of ``source`` (its ONNX export, say), named as ``source``: the
+        manifest, the path and the identity results carry are the package the node was given."""
+        self._package = source
+        return self
+
     @property
     def manifest(self) -> Manifest:
         return self._package.manifest
@@ -192,16 +225,20 @@ class PackagedModel(ABC):
         """(N, C, H, W) in [0, 1] → (N, n_labels) probabilities."""
         if self.manifest.task != "classification":
             raise ValueError(f"{self.manifest.name} is a {self.manifest.task} model: use segment()")
-        return self._probabilities(self._outputs(self._prepare(batch)))
+        return self._probabilities(chunked(self._outputs, self._prepare(batch)))
 
     def segment(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) in [0, 1] → (N, n_labels, H, W) per-pixel probabilities."""
         if self.manifest.task != "segmentation":
             raise ValueError(f"{self.manifest.name} is a {self.manifest.task} model: use predict()")
-        return self._probabilities(self._outputs(self._prepare(batch)))
+        return self._probabilities(chunked(self._outputs, self._prepare(batch)))
 
-    def explain(self, batch: np.ndarray, label_index: int, method: Method = "auto") -> np.ndarray:
-        """(N, C, H, W) → (N, H, W) Grad-CAM maps in [0, 1] for one label, at the input size.
+    def explain(
+        self, batch: np.ndarray, label_index: int | Sequence[int], method: Method = "auto"
+    ) -> np.ndarray:
+        """(N, C, H, W) → Grad-CAM maps in [0, 1] at the input size: (N, H, W) for one label, (N, L, H, W)
+        for a sequence of L labels, all from the same forward pass (the fast path reads every label's
+        map off its features; by gradients, one backward pass per label follows the one forward).
 
         ``auto`` takes the fast path where the head allows it. Plain Grad-CAM on a layer of stride s
         has one value per s×s block: its peak can only fall on a block centre, and where within its
@@ -210,8 +247,11 @@ class PackagedModel(ABC):
         images ([explain] flips), mirrored and flipped too, each map moved back before averaging
         (augmented Grad-CAM, Morbidelli et al. 2020).
         """
-        if not 0 <= label_index < len(self.labels):
-            raise ValueError(f"label index {label_index} out of range for labels {list(self.labels)}")
+        single = np.ndim(label_index) == 0
+        indices = [int(i) for i in np.atleast_1d(label_index)]
+        for index in indices:
+            if not 0 <= index < len(self.labels):
+                raise ValueError(f"label index {index} out of range for labels {list(self.labels)}")
         methods = self.explain_methods
         if not methods:
             raise ValueError(f"{self.manifest.name}: nothing to explain for a {self.manifest.task} model")
@@ -225,17 +265,37 @@ class PackagedModel(ABC):
         copies = np.concatenate([shift(flip(x, dims), dy, dx) for dims, dy, dx in views])
         if chosen == "cam":
             assert self._classifier is not None
-            features, _ = self._features(copies)
-            cells = np.maximum(np.einsum("nkhw,k->nhw", features, self._classifier[0][label_index]), 0.0)
+            weights = self._classifier[0][indices]
+            features = chunked(lambda part: self._features(part)[0], copies)
+            cells = np.maximum(np.einsum("nkhw,lk->lnhw", features, weights), 0.0)
         else:
-            cells = self._gradient_cam(copies, label_index)
+            cells = chunked(lambda part: self._gradient_cam(part, indices), copies, axis=1)
         offset = self.manifest.explain.cell_offset if self.manifest.explain else 0.0
-        maps = upsample_aligned(cells.astype(np.float32), self.input_size, offset)
-        n = len(x)
+        labels, n = len(indices), len(x)
+        flat = cells.reshape(-1, *cells.shape[2:]).astype(np.float32)
+        maps = upsample_aligned(flat, self.input_size, offset).reshape(labels, len(copies), *self.input_size)
         total = sum(
-            flip(shift(maps[i * n : (i + 1) * n], -dy, -dx), dims) for i, (dims, dy, dx) in enumerate(views)
+            flip(shift(maps[:, i * n : (i + 1) * n], -dy, -dx), dims)
+            for i, (dims, dy, dx) in enumerate(views)
         )
-        return normalise(np.asarray(total, dtype=np.float32))
+        scaled = normalise(np.asarray(total, dtype=np.float32).reshape(labels * n, *self.input_size))
+        per_image = scaled.reshape(labels, n, *self.input_size).transpose(1, 0, 2, 3)
+        return per_image[:, 0] if single else np.ascontiguousarray(per_image)
+
+    def exercise(self, images: int = 0) -> None:
+        """Do what a job asks of the model, on random input: a batch of ``images`` (0: the batch size
+        :func:`set_batch` set) through it, and one image's last label explained where it explains. The
+        first pass at a batch size costs extra (memory, the framework's choice of kernels): a worker
+        pays it before its first job, and timing compares runtimes on it."""
+        height, width = self.input_size
+        shape = (images or _batch, self.manifest.input.channels, height, width)
+        x = np.random.default_rng(0).random(shape, np.float32)
+        if self.manifest.task == "segmentation":
+            self.segment(x)
+            return
+        self.predict(x)
+        if self.explain_methods:
+            self.explain(x[:1], len(self.labels) - 1)
 
     def _explain_views(self, x: np.ndarray) -> list[tuple[tuple[int, ...], int, int]]:
         if self._views is None:

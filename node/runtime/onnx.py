@@ -9,6 +9,8 @@ them). ``node.runtime.export`` writes such files from torch packages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -57,7 +59,7 @@ class OnnxModel(PackagedModel):
         outputs, features = self._session.run([self._output, self._feature_output], {self._input: x})
         return np.asarray(features), np.asarray(outputs)
 
-    def _gradient_cam(self, x: np.ndarray, label_index: int) -> np.ndarray:
+    def _gradient_cam(self, x: np.ndarray, label_indices: Sequence[int]) -> np.ndarray:
         raise ValueError(f"{self.manifest.name}: ONNX Runtime has no gradients; use the CAM fast path")
 
     def _classifier_weights(self, name: str) -> tuple[np.ndarray, np.ndarray]:

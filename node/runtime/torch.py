@@ -10,6 +10,7 @@ stays light. Thread counts are the caller's business (``torch.set_num_threads``)
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 import monai.networks.nets
@@ -42,16 +43,29 @@ def build_network(package: ModelPackage) -> torch.nn.Module:
 class WithFeatures(torch.nn.Module):
     """``network`` returning ``(outputs, output of target_layer)``. The features are the layer's last
     output in the pass: a module the network calls more than once (MONAI's EfficientNet applies one
-    ``_swish`` after its stem and its head) is read where it feeds the head."""
+    ``_swish`` after its stem and its head) is read where it feeds the head.
 
-    def __init__(self, network: torch.nn.Module, target_layer: str) -> None:
+    With ``features_leaf``, a pass that records gradients starts its graph at the features: they become
+    a leaf the rest of the network runs on, so Grad-CAM's pass records nothing before the target layer
+    (with the parameters frozen) and its backward passes stop there."""
+
+    def __init__(self, network: torch.nn.Module, target_layer: str, features_leaf: bool = False) -> None:
         super().__init__()
         layer = dict(network.named_modules()).get(target_layer)
         if layer is None:
             raise ValueError(f"explain.target_layer {target_layer!r} is not a layer")
         self.network = network
         self._captured: list[torch.Tensor] = []
-        layer.register_forward_hook(lambda _module, _inputs, output: self._captured.append(output))
+        self._features_leaf = features_leaf
+        layer.register_forward_hook(self._capture)
+
+    def _capture(self, _module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not (self._features_leaf and torch.is_grad_enabled()):
+            self._captured.append(output)
+            return output
+        leaf = output.detach().requires_grad_(True)
+        self._captured.append(leaf)
+        return leaf.clone()  # what the network runs on: an in-place layer next cannot change the leaf
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._captured.clear()
@@ -70,12 +84,12 @@ def _load_torchscript(package: ModelPackage) -> torch.jit.ScriptModule:
 
 
 def _load_state_dict(package: ModelPackage) -> torch.nn.Module:
-    network = build_network(package)
+    network = build_network(package).requires_grad_(False)  # run, never trained: no parameter gradients
     explain = package.manifest.explain
     if explain is None:
         return network
     try:
-        return WithFeatures(network, explain.target_layer)
+        return WithFeatures(network, explain.target_layer, features_leaf=True)
     except ValueError as exc:
         raise ValueError(f"{package.path}: {exc}") from exc
 
@@ -116,14 +130,22 @@ class TorchModel(PackagedModel):
             outputs, features = self._explained_forward(torch.from_numpy(x))
         return features.numpy(), outputs.numpy()
 
-    def _gradient_cam(self, x: np.ndarray, label_index: int) -> np.ndarray:
+    def _gradient_cam(self, x: np.ndarray, label_indices: Sequence[int]) -> np.ndarray:
         """Grad-CAM (Selvaraju et al. 2017): feature maps weighted by the spatial mean of the class
-        logit's gradient, summed, ReLU."""
+        logit's gradient, summed, ReLU. One forward pass serves every label; each label's backward pass
+        runs only from the outputs back to the target layer, keeping the graph for the next."""
+        maps = []
         with torch.enable_grad():  # also when the caller runs under torch.no_grad()
-            outputs, features = self._explained_forward(torch.from_numpy(x).requires_grad_(True))
-            (gradient,) = torch.autograd.grad(outputs[:, label_index].sum(), features)
-        weights = gradient.mean(dim=(2, 3), keepdim=True)
-        return torch.relu((weights * features).sum(dim=1)).detach().numpy()
+            x_in = torch.from_numpy(x)
+            if not isinstance(self._network, WithFeatures):  # TorchScript: the graph starts at the input
+                x_in.requires_grad_(True)
+            outputs, features = self._explained_forward(x_in)
+            for i, label_index in enumerate(label_indices):
+                keep = i < len(label_indices) - 1  # the graph, for the next label's pass
+                (gradient,) = torch.autograd.grad(outputs[:, label_index].sum(), features, retain_graph=keep)
+                weights = gradient.mean(dim=(2, 3), keepdim=True)
+                maps.append(torch.relu((weights * features).sum(dim=1)).detach())
+        return torch.stack(maps).numpy()
 
     def _classifier_weights(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         parameters = dict(self._network.named_parameters())

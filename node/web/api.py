@@ -1,13 +1,15 @@
-"""JSON API: health, studies with their status and stage timings, Prometheus metrics.
+"""JSON API: health, studies with their status and stage timings, Prometheus metrics, and the
+study-complete notification a PACS sends once it has forwarded a whole study.
 
-The API only reads the database. All but /healthz need a session or an API token (node.web.auth);
-reading a study's patient identity is PHI access and is audited with who read it.
+The API only reads the database, but for that notification, which it hands to the node's indexer. All
+but /healthz need a session or an API token (node.web.auth); reading a study's patient identity is PHI
+access and is audited with who read it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -15,6 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydicom.uid import UID
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import selectinload
 
@@ -192,6 +195,7 @@ class _DatabaseCollector(Collector):
 
 router = APIRouter()
 Viewer = Annotated[Principal, Depends(require("viewer"))]
+Operator = Annotated[Principal, Depends(require("operator"))]
 
 
 @router.get("/healthz")
@@ -252,3 +256,19 @@ def metrics(request: Request, principal: Viewer) -> Response:
     registry = CollectorRegistry()  # per scrape: the collector reads the database then
     registry.register(_DatabaseCollector(request.app.state.db))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/api/studies/{study_uid}/complete", status_code=202)
+def study_complete(study_uid: str, request: Request, principal: Operator) -> dict[str, str]:
+    """A PACS says it has sent all of a study (Orthanc's OnStableStudy: deploy/orthanc/notify.lua):
+    its series still receiving are ready, and the study stable, as soon as everything of it already
+    acknowledged is indexed, instead of after the quiet period. Accepted, not done: the study may not
+    be indexed yet. Audited with who said so."""
+    complete: Callable[[str, str], None] | None = request.app.state.complete_study
+    if complete is None:
+        raise HTTPException(status_code=503, detail="no node runs in this process to tell")
+    if not UID(study_uid).is_valid:
+        raise HTTPException(status_code=422, detail="not a valid Study Instance UID")
+    audit.append(request.app.state.db, "study.complete_notified", actor=principal.actor, study_uid=study_uid)
+    complete(study_uid, f"study-complete notification from {principal.actor}")
+    return {"study_uid": study_uid, "status": "accepted"}

@@ -38,13 +38,16 @@ def create_app(
     settings: Settings,
     dicom_listening: Callable[[], bool] = lambda: True,
     dicom_load: Callable[[], ListenerLoad | None] = lambda: None,
+    complete_study: Callable[[str, str], None] | None = None,
 ) -> FastAPI:
     """The app. ``dicom_listening`` tells /healthz whether the DICOM listener is up, ``dicom_load`` how
-    many connections it holds against its limit (None: not known)."""
+    many connections it holds against its limit (None: not known), ``complete_study`` declares a study
+    complete (node.ingest.index.Indexer.complete_study; None: no node runs here to tell)."""
     # No /docs: the interactive API pages would load their scripts from a CDN.
     app = FastAPI(title="AI node", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db, app.state.spool, app.state.settings = db, spool, settings
     app.state.dicom_listening, app.state.dicom_load = dicom_listening, dicom_load
+    app.state.complete_study = complete_study
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for module in (api, auth, overview, studies, models, routes, destinations, audit, configuration):
         app.include_router(module.router)
