@@ -11,7 +11,7 @@ from sqlalchemy import select
 from node.config import Route, Settings
 from node.db import AuditEvent, Database, Job, JobStatus
 from node.ingest.completion import mark_stable
-from node.jobs import ExecutorContext, JobFailed, JobStore, dispatch
+from node.jobs import ExecutorContext, JobFailed, JobStore, dispatch, run
 from node.jobs.local import LocalPool, WorkerSetup, WorkerSlot
 from node.jobs.run import JobSpec, Preloaded, Task, loaded, prefer_faster_runtime, run_job, try_faster_runtime
 from node.route import route_ready
@@ -87,6 +87,9 @@ def test_an_idle_worker_moves_its_models_to_the_faster_runtime_once(
     models = tmp_path / "models"
     shutil.copytree(MODELS / "ct-hemorrhage", models / "ct-hemorrhage")  # its own path in the cache
     monkeypatch.setattr(fastest, "cost_ms", lambda model: 1.0 if type(model).__name__ == "OnnxModel" else 2.0)
+    # A worker process of its own: what earlier tests in this process loaded is not this worker's.
+    monkeypatch.setattr(run, "_models", {})
+    monkeypatch.setattr(run, "_runtime_tried", set())
     assert try_faster_runtime() is None  # off unless the worker's setup names a cache
     prefer_faster_runtime(tmp_path / "runtimes")
     try:

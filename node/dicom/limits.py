@@ -43,6 +43,7 @@ from node.config import NodeSettings
 LINGER_SECONDS = 1.0
 MAX_LINGERING = 64
 DEFER_SECONDS = 0.002  # a receiver process leaving a connection to another looks again after this
+DEFER_LIMIT_SECONDS = 0.05  # then takes it itself: the process holding fewer may be unable to accept
 PDU_HEADER = struct.Struct(">BBL")  # type, reserved, length of what follows
 # A connection: remote host and port, and the listener's port (one remote port may reach both listeners).
 Peer = tuple[str, int, int]
@@ -125,6 +126,7 @@ class ListenerGuard:
     elsewhere: ConnectionsElsewhere = field(default_factory=ConnectionsElsewhere)
     _connections: dict[Peer, _Connection] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _deferring_since: float | None = None  # since when defers() has left a waiting connection to others
 
     def _prune(self) -> None:
         gone = [a for a, c in self._connections.items() if not c.alive()]
@@ -186,7 +188,16 @@ class ListenerGuard:
         """Whether to leave the next connection to a process holding fewer (least connections first)."""
         with self._lock:
             self._prune()
-            return self.elsewhere.fewer_than(len(self._connections))
+            if not self.elsewhere.fewer_than(len(self._connections)):
+                self._deferring_since = None
+                return False
+            now = time.monotonic()
+            if self._deferring_since is None:
+                self._deferring_since = now
+            if now - self._deferring_since > DEFER_LIMIT_SECONDS:  # nobody took it: this process does
+                self._deferring_since = None
+                return False
+            return True
 
     def load(self) -> ListenerLoad:
         with self._lock:

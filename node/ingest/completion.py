@@ -21,8 +21,12 @@ what the network says where it can (issue 12).
   association) releasing its association, or a study-complete notification (Orthanc's OnStableStudy,
   through the API), declares series complete (:func:`declare_complete`). The indexer applies it behind
   every arrival acknowledged before it, so the series hold all of them. Only a series still receiving
-  becomes ready: one already routed is not run again by a declaration alone. Its study, once no series
-  of it is receiving and nothing of it is still unindexed, is stable at once too.
+  becomes ready: one already routed is not run again by a declaration alone. A study-complete
+  notification also makes the study stable at once, once no series of it is receiving and nothing of it
+  is still unindexed. A forwarder's release does not: a PACS may forward a study's series one
+  association each (Orthanc's autoroute.lua does), and the second eye of a fundus visit would then find
+  its study already analysed with the first alone; a ``group = "study"`` route waits for the study's
+  quiet period, or its notification.
 - A series whose first instance announces how many instances it will hold (:func:`announcement`) is
   ready as soon as that many distinct instances are indexed. An instance announcing something else,
   or one more than announced, voids the count (the series waits for the quiet period); one arriving
@@ -137,14 +141,13 @@ def declare_complete(
     unindexed: Unindexed | None = None,
 ) -> int:
     """Mark the named series, and every series of the named studies, ready at once if they are still
-    receiving, audited with ``reason`` (who or what declared them complete); then each of their studies
-    stable, where no series of it is receiving and nothing of it is ``unindexed``. Called once every
-    arrival acknowledged before the declaration is indexed. Returns how many series became ready."""
+    receiving, audited with ``reason`` (who or what declared them complete); then each named study
+    stable, where no series of it is receiving and nothing of it is ``unindexed`` (a named series' study
+    is left to its quiet period: see the module's docstring). Called once every arrival acknowledged
+    before the declaration is indexed. Returns how many series became ready."""
     now = utcnow()
-    named = or_(
-        Series.series_uid.in_(series_uids),
-        Series.study_fk.in_(select(Study.id).where(Study.study_uid.in_(study_uids))),
-    )
+    studies = select(Study.id).where(Study.study_uid.in_(study_uids))
+    named = or_(Series.series_uid.in_(series_uids), Series.study_fk.in_(studies))
     with db.session() as session:
         ready = session.scalars(
             update(Series)
@@ -154,14 +157,14 @@ def declare_complete(
         ).all()
         for series in ready:
             _audit_ready(session, series, reason)
-        studies = select(Series.study_fk).where(named)
-        receiving = select(Series.id).where(
-            Series.study_fk == Study.id, Series.status == SeriesStatus.RECEIVING
-        )
-        stable = [Study.id.in_(studies), Study.stable_at.is_(None), ~receiving.exists()]
-        if unindexed is not None and unindexed.study_uids:
-            stable.append(Study.study_uid.not_in(unindexed.study_uids))
-        session.execute(update(Study).where(*stable).values(stable_at=now))
+        if study_uids:
+            receiving = select(Series.id).where(
+                Series.study_fk == Study.id, Series.status == SeriesStatus.RECEIVING
+            )
+            stable = [Study.id.in_(studies), Study.stable_at.is_(None), ~receiving.exists()]
+            if unindexed is not None and unindexed.study_uids:
+                stable.append(Study.study_uid.not_in(unindexed.study_uids))
+            session.execute(update(Study).where(*stable).values(stable_at=now))
         return len(ready)
 
 

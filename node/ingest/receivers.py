@@ -45,6 +45,7 @@ from node.dicom.limits import ConnectionsElsewhere, ListenerGuard, ListenerLoad
 from node.ingest.accept import Ingest
 from node.ingest.index import Arrival, Indexer
 from node.ingest.scp import Address, Receiver, addresses
+from node.privacy import failure
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,8 @@ class IndexerLink:
         except (EOFError, OSError):
             if not self._stopping.is_set():
                 log.warning("the node's process is gone: this receiver process stops")
+        except Exception as exc:  # an answer it cannot read: no call may wait for ever; the node restarts it
+            log.error("the link to the node's process failed; this receiver process stops: %s", failure(exc))
         with self._send_lock:
             self._gone = True
             waiting, self._waiting = self._waiting, {}
@@ -257,6 +260,7 @@ class _Child:
     started: float  # time.monotonic()
     ready: threading.Event
     send_lock: threading.Lock
+    reader: threading.Thread | None = None  # reads what the process says, until its end of the pipe closes
 
 
 class Receivers:
@@ -336,9 +340,10 @@ class Receivers:
         process.start()
         theirs.close()
         child = _Child(number, process, ours, time.monotonic(), threading.Event(), threading.Lock())
-        threading.Thread(
+        child.reader = threading.Thread(
             target=self._read, args=(child,), name=f"receiver-{number}-link", daemon=True
-        ).start()
+        )
+        child.reader.start()
         return child
 
     def _wait_ready(self, child: _Child) -> None:
@@ -354,12 +359,17 @@ class Receivers:
         while True:
             try:
                 message = child.pipe.recv()
+                if message[0] == "ready":
+                    child.ready.set()
+                else:
+                    self._pool.submit(self._answer, child, message)
             except (EOFError, OSError):
                 return
-            if message[0] == "ready":
-                child.ready.set()
-            else:
-                self._pool.submit(self._answer, child, message)
+            except Exception as exc:  # unanswered, its associations would wait for ever: start it afresh
+                if not self._stopping.is_set():
+                    log.error("receiver process %d: its link failed, killed: %s", child.number, failure(exc))
+                child.process.kill()
+                return
 
     def _answer(self, child: _Child, message: tuple[Any, ...]) -> None:
         kind, number, *args = message
@@ -371,8 +381,8 @@ class Receivers:
                 self.indexer.complete(args[0], args[1])
         except queue.Full:
             answer = FULL
-        except Exception:  # the receiver process turns any other answer into 0xA700 as in-process
-            log.exception("%s from receiver process %d failed", kind, child.number)
+        except Exception as exc:  # the receiver process turns any other answer into 0xA700 as in-process
+            log.error("%s from receiver process %d failed: %s", kind, child.number, failure(exc))
             answer = "failed"
         with contextlib.suppress(OSError):
             self._send(child, ("done", number, answer))
@@ -391,9 +401,26 @@ class Receivers:
             for i, child in enumerate(self._children):
                 if child.process.sentinel in ended:
                     self._children[i] = self._restart(child)
+                    self._started_again(i)
+
+    def _started_again(self, i: int) -> None:
+        """Start the process in slot ``i`` until it starts (out of memory or file handles a start
+        fails): a dead watcher would leave the port accepting connections nobody answers."""
+        number = self._children[i].number
+        while not self._stopping.is_set():
+            try:
+                self._children[i] = self._spawn(number)
+                return
+            except Exception as exc:
+                log.error("receiver process %d could not start; trying again: %s", number, failure(exc))
+                self._stopping.wait(TICK)
 
     def _restart(self, child: _Child) -> _Child:
+        """The slot of a process that ended, cleaned up and audited; its successor is started by
+        :meth:`_started_again`."""
         child.process.join()
+        if child.reader is not None:  # what the process sent before it ended reaches the indexer first
+            child.reader.join(STOP_SECONDS)
         child.pipe.close()
         self.connections.clear(child.number)
         code = child.process.exitcode
@@ -411,7 +438,7 @@ class Receivers:
         except Exception:  # the database away: the log line above says it
             log.exception("could not audit the restart of receiver process %d", child.number)
         self._stopping.wait(max(0.0, child.started + RESTART_SECONDS - time.monotonic()))
-        return self._spawn(child.number)
+        return child
 
 
 def _bind(host: str, port: int) -> socket.socket:

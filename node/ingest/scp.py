@@ -243,8 +243,8 @@ class Receiver:
             calling_ae = event.assoc.requestor.ae_title.strip()
             try:
                 self.complete(sorted(delivered), f"association released by forwarder {calling_ae}")
-            except Exception:  # the quiet period completes them all the same
-                log.exception("completing what forwarder %s delivered failed", calling_ae)
+            except Exception as exc:  # the quiet period completes them all the same
+                log.error("completing what forwarder %s delivered failed: %s", calling_ae, failure(exc))
 
     def _forget(self, event: Any) -> set[tuple[str, str]]:
         """What the association delivered, no longer kept (an aborted one's series stay incomplete)."""
