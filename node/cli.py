@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
+from node import logs
 from node.config import ConfigError, Route, Settings, load_settings
 from node.runtime.package import ModelRefused
 
@@ -517,11 +518,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("pynetdicom", "apscheduler", "highdicom", "alembic"):  # each narrates every step
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(args.log_level.upper())
     try:
         return int(args.func(args))
     except (ConfigError, ModelRefused, ValueError, LookupError) as exc:

@@ -38,7 +38,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from node import audit
+from node import audit, logs
 from node.config import Settings
 from node.db import Database
 from node.dicom.limits import ConnectionsElsewhere, ListenerGuard, ListenerLoad
@@ -221,9 +221,7 @@ def _receive(start: _Start) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node's process, which stops this
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    logging.basicConfig(level=start.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("pynetdicom", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(start.log_level)
     settings = start.settings
     start.connections.row = start.number
     db = Database(settings.node.resolved_database_url)  # migrated by the node's process
