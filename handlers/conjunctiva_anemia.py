@@ -4,14 +4,24 @@ conjunctiva, with Grad-CAM over the photograph.
 Faithful to the prototype (a ResNet-18 over "anemic" / "not anemic", sclera-based brightness
 normalisation, a request to retake the photo when the model is unsure), with what it lacked as a
 service: a photograph in which the white of the eye cannot be found or measured — none visible, too
-dark, overexposed — is refused with that reason instead of given a probability that would only
-reflect the room's lighting; and one preprocessing path (:func:`prepare`) that the training script
-uses too.
+dark, overexposed — or in which the eye is blurred is refused with that reason instead of given a
+probability that would only reflect the room's lighting or the camera's shake; and one preprocessing
+path (:func:`prepare`) that the training script uses too.
 
 Pallor is a colour, and a photograph's colours are the tissue's times the light's. The sclera is
 white whatever the patient's haemoglobin, so scaling each channel until the sclera is a fixed
 reference white cancels the light's brightness and colour temperature — what the prototype did, and
 the reason a photograph without a visible sclera cannot be read.
+
+Limits of the quality gate, which judges by classic image measures, not a model: the blur measure
+(:func:`sharpness`) is calibrated on synthetic photographs only, with thin margins (see
+:data:`SHARPNESS_MIN`), so a real camera may need it recalibrated; a smooth, lash-less eye may read as
+blurred, and an eye of which too little is in view is not judged for focus at all. The camera page's
+white fill (:func:`frame_fill`) is told from the photograph by colour and place alone (near-white,
+holding a corner): a near-white sclera joined to such a region (a clipped eye against a white sheet
+that reaches a corner) is left out with it, and is then measured on what remains of it or not found.
+Only a framed capture may be mostly sclera; a tight close-up sent as a file without the frame's fill
+is held to :data:`SCLERA_AREA` and refused as "no sclera found" beyond it.
 """
 
 from __future__ import annotations
@@ -52,12 +62,25 @@ MAX_CLIPPED_SCLERA = 0.5  # of the sclera's pixels: beyond this its true brightn
 DISPLAY_GAMMA = 2.2  # stored value ** this ≈ light: the search compares colours in linear light
 WHITE_CHROMA = 0.2  # linear saturation below which a pixel is white after balancing by a guess at white
 WHITE_LEVEL = 0.5  # of the guess's linear level: the sclera is among the brightest things in view
-SCLERA_AREA = (0.004, 0.2)  # of the photograph: smaller is specular glints, larger is not an eye
+# Of the photograph's own pixels (not the fill around a frame): smaller is specular glints, larger is
+# not an eye — unless the camera page's guide framed it (its fill is found): then it is mostly eye,
+# its sclera about 0.3, up to FRAMED_SCLERA_AREA.
+SCLERA_AREA = (0.004, 0.2)
+FRAMED_SCLERA_AREA = 0.45
 SKIN_CHROMA = 0.25  # median linear saturation around a true sclera: skin and conjunctiva are never white
 IRIS_SHARE = 0.1  # of the white region's convex hull that the iris between its parts must fill
 IRIS_ASPECT = 3.0  # the iris is about round; a crescent's hull leaves a gap many times wider than high
 CROP_WIDTH = 1.5  # the crop's width over the sclera's: the eye with its lids and lashes
 CROP_DROP = 0.12  # of the sclera's width: the crop centre sits below the sclera, on the conjunctiva
+SHARPNESS_WIDTH = 128  # the eye's crop is measured at this width: blur relative to the eye, not the sensor
+# The crop's sharpness (see :func:`sharpness`) below which the photograph is refused as blurred. On
+# synthetic photographs (training/conjunctiva_phantom.py): 120 whole ones, 320 to 1024 px wide, sharp
+# 1.93 at the least, blurred with sigma 4 px at 640 px width 1.04 at the most (sigma 3 px: 1.59); 30
+# framed as the camera page sends them (640 x 480, cropped to the default frame), sharp 1.18 at the
+# least, blurred 0.42 at the most. Thin margins: recalibrate on real photographs.
+SHARPNESS_MIN = 1.1
+SHARPNESS_PIXELS = 256  # of the measured copy: fewer left to judge by, and the focus is not judged
+FILL = 0.97  # every channel at least this, holding the picture's corners: the camera page's white fill
 
 
 class Options(TaskOptions):
@@ -77,6 +100,7 @@ class NotAnalysable(ValueError):
 NO_SCLERA = "no sclera found: the white of the eye must be visible to correct for the lighting"
 TOO_DARK = "too dark: retake the photo in better light"
 OVEREXPOSED = "overexposed: the white of the eye is clipped; retake the photo with less light"
+BLURRED = "blurred: hold the camera still and retake"
 
 
 @dataclass(frozen=True)
@@ -90,17 +114,39 @@ class Prepared:
     box: tuple[int, int, int, int]  # (top, left, height, width) of the crop in source pixels
 
 
+def frame_fill(image: np.ndarray) -> np.ndarray:
+    """The white the camera page fills in outside its frame guide, (rows, cols) bool: the near-white
+    regions (every channel at least :data:`FILL`) that hold a corner of the picture. The page crops to
+    the frame's box and paints everything outside the frame white, so its fill holds the corners; a
+    white sheet or wall along an edge does too and is as well left out. A sclera reaching the edge
+    between corners, however bright, stays part of the photograph, where the exposure checks and the
+    sclera search judge it."""
+    _, parts = cv2.connectedComponents((image.min(axis=2) >= FILL).astype(np.uint8))
+    corners = {int(parts[0, 0]), int(parts[0, -1]), int(parts[-1, 0]), int(parts[-1, -1])} - {0}
+    return np.isin(parts, list(corners))
+
+
+def _outside(fill: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``fill`` at ``size`` (cols, rows) with a band around it (a JPEG rings at its border): the
+    pixels that are not the eye's, neither the sclera, nor overexposure, nor an edge to judge focus by."""
+    reduced = cv2.resize(fill.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0
+    return cv2.dilate(reduced.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+
+
 def _chroma(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(value, saturation) as in HSV: the brightest channel, and how far the others fall below it."""
     value = image.max(axis=2)
     return value, (value - image.min(axis=2)) / np.maximum(value, 1e-6)
 
 
-def _white_region(linear: np.ndarray, selected: np.ndarray) -> np.ndarray | None:
+def _white_region(
+    linear: np.ndarray, selected: np.ndarray, photo: np.ndarray, largest: float
+) -> np.ndarray | None:
     """The sclera if ``selected`` pixels are white: balanced by their colour, the largest one or two
-    bright colourless regions, provided they pass as an eye's white (see :func:`find_sclera`)."""
+    bright colourless regions of the ``photo`` pixels (not the fill around a frame), provided they pass
+    as an eye's white (see :func:`find_sclera`) and cover at most ``largest`` of them."""
     level, saturation = _chroma(linear / np.maximum(linear[selected].mean(axis=0), 1e-4))
-    white: np.ndarray = ((saturation < WHITE_CHROMA) & (level > WHITE_LEVEL)).astype(np.uint8)
+    white: np.ndarray = ((saturation < WHITE_CHROMA) & (level > WHITE_LEVEL) & photo).astype(np.uint8)
     white = cv2.morphologyEx(white, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(white)
     if count < 2:
@@ -108,8 +154,8 @@ def _white_region(linear: np.ndarray, selected: np.ndarray) -> np.ndarray | None
     areas = stats[1:, cv2.CC_STAT_AREA]
     kept = [1 + int(i) for i in np.argsort(-areas)[:2] if areas[i] >= 0.25 * areas.max()]
     mask = np.isin(labels, kept)
-    surround = ~cv2.dilate(white, np.ones((5, 5), np.uint8)).astype(bool)
-    if not SCLERA_AREA[0] <= float(mask.mean()) <= SCLERA_AREA[1] or not surround.any():
+    surround = ~cv2.dilate(white, np.ones((5, 5), np.uint8)).astype(bool) & photo
+    if not SCLERA_AREA[0] <= float(mask.sum() / photo.sum()) <= largest or not surround.any():
         return None
     if float(np.median(saturation[surround])) < SKIN_CHROMA:  # the "white" was skin: all of it is
         return None
@@ -132,7 +178,7 @@ def _iris_beside(mask: np.ndarray) -> bool:
     return bool(compact and biggest[cv2.CC_STAT_AREA] >= IRIS_SHARE * hull.sum())
 
 
-def find_sclera(rgb: np.ndarray) -> np.ndarray:
+def find_sclera(rgb: np.ndarray, fill: np.ndarray | None = None) -> np.ndarray:
     """The visible white of the eye, (rows, cols) bool, by classic colour rules rather than a model.
 
     Lighting multiplies every colour by the same per-channel gains, so whatever they are, the sclera
@@ -140,17 +186,23 @@ def find_sclera(rgb: np.ndarray) -> np.ndarray:
     Two guesses at white are tried on the linearised photograph: its brightest pixels, and the least
     red of its bright half. Balanced by a guess, the sclera is the largest one or two bright,
     colourless regions, accepted only where they look like one: skin around them keeps its colour
-    (balancing by skin makes all skin colourless) and an iris sits between them. Raises NotAnalysable.
+    (balancing by skin makes all skin colourless) and an iris sits between them. The camera page's
+    ``fill`` (:func:`frame_fill`, found here if not given) is left out. Raises NotAnalysable.
     """
     rows, cols = rgb.shape[:2]
     scale = min(1.0, SEARCH_WIDTH / cols)
     size = (max(round(cols * scale), 1), max(round(rows * scale), 1))
     small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    fill = frame_fill(rgb) if fill is None else fill
+    framed = bool(fill.any())
+    photo = ~_outside(fill, size)
+    if not photo.any():
+        raise NotAnalysable(NO_SCLERA)
     value = small.max(axis=2)
-    if float(np.percentile(value, 99)) < DARK:
+    if float(np.percentile(value[photo], 99)) < DARK:
         raise NotAnalysable(TOO_DARK)
-    unclipped = value < CLIPPED
-    if 1.0 - float(unclipped.mean()) > MAX_CLIPPED_IMAGE:
+    unclipped = (value < CLIPPED) & photo
+    if 1.0 - float(unclipped.sum() / photo.sum()) > MAX_CLIPPED_IMAGE:
         raise NotAnalysable(OVEREXPOSED)
     linear = np.power(small, DISPLAY_GAMMA)  # photographs are stored gamma-encoded (sRGB)
     brightest = unclipped & (value >= np.percentile(value[unclipped], 97))
@@ -158,7 +210,7 @@ def find_sclera(rgb: np.ndarray) -> np.ndarray:
     blueness = np.log(linear[..., 2] + 1e-4) - np.log(linear[..., 0] + 1e-4)
     least_red = bright & (blueness >= np.percentile(blueness[bright], 95))
     for guess in (brightest, least_red):
-        mask = _white_region(linear, guess)
+        mask = _white_region(linear, guess, photo, FRAMED_SCLERA_AREA if framed else SCLERA_AREA[1])
         if mask is not None:
             return cv2.resize(mask.astype(np.uint8), (cols, rows), interpolation=cv2.INTER_NEAREST).astype(
                 bool
@@ -204,17 +256,41 @@ def crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return padded[top : top + height, left : left + width]
 
 
+def sharpness(image: np.ndarray, box: tuple[int, int, int, int], fill: np.ndarray) -> float:
+    """How sharp the eye is: the strongest edges' Laplacian (its 99th percentile: lashes, lid margins,
+    the iris's rim), over the crop's contrast, at :data:`SHARPNESS_WIDTH` whatever the camera's
+    resolution. Camera shake and missed focus flatten exactly those edges; lighting scales edges and
+    contrast alike; sensor noise is spread thin by measuring on a reduced copy. Left out with their
+    borders: the camera page's white ``fill`` (:func:`frame_fill`), sharp however blurred the eye, and
+    where the box runs past the picture (a framed capture is wider than tall), whose repeated edge
+    rows carry their noise as sharp stripes."""
+    size = (SHARPNESS_WIDTH, max(round(box[2] * SHARPNESS_WIDTH / box[3]), 3))
+    region = cv2.resize(crop(image, box), size, interpolation=cv2.INTER_AREA)
+    grey = region.mean(axis=2)
+    top, left, height, width = box
+    beyond = np.pad(fill, 1, constant_values=True)  # crop() repeats this True rim past the picture
+    kept = ~_outside(crop(beyond, (top + 1, left + 1, height, width)), size)
+    if kept.sum() < SHARPNESS_PIXELS:  # too little of the eye to judge its focus by: not refused for it
+        return float("inf")
+    edges = np.abs(cv2.Laplacian(grey, cv2.CV_32F))
+    return float(np.percentile(edges[kept], 99)) / max(float(grey[kept].std()), 1e-6)
+
+
 def prepare(rgb: np.ndarray, size: tuple[int, int]) -> Prepared:
     """A (rows, cols, 3) uint8 photograph → the model input: found sclera, each channel scaled so
-    the sclera becomes REFERENCE_WHITE, cropped around the eye and resized with area averaging to
-    ``size`` (H, W). Training calls this same function. Raises NotAnalysable with the reason."""
+    the sclera becomes REFERENCE_WHITE, cropped around the eye (refused if blurred) and resized with
+    area averaging to ``size`` (H, W). Training calls this same function. Raises NotAnalysable with
+    the reason."""
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise NotAnalysable(f"not an RGB image: pixel array of shape {rgb.shape}")
     image = rgb.astype(np.float32) / 255.0
-    sclera = find_sclera(image)
+    fill = frame_fill(image)
+    sclera = find_sclera(image, fill)
     white = measure_white(image, sclera)
     normalised = np.clip(image * (REFERENCE_WHITE / np.maximum(white, 1e-3)), 0.0, 1.0)
     box = eye_box(sclera, size)
+    if sharpness(image, box, fill) < SHARPNESS_MIN:
+        raise NotAnalysable(BLURRED)
     patch = cv2.resize(crop(normalised, box), (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return Prepared(np.ascontiguousarray(patch.transpose(2, 0, 1)), normalised, sclera, white, box)
 

@@ -58,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dicom_listening=lambda: node.running,
             dicom_load=node.receiver.load,
             complete_study=node.indexer.complete_study,
+            ingest=node.ingest,
         )
         uvicorn.run(
             app,

@@ -68,6 +68,7 @@ class NodeSettings(_Section):
     reconcile_seconds: float = Field(300.0, gt=0)  # how often the spool is checked for unindexed files
     max_instance_mb: int = Field(2048, ge=1)  # a larger data set is refused with 0xC002 (too large)
     max_inflated_mb: int = Field(1024, ge=1)  # a deflated data set inflating beyond this: 0xC002 too
+    max_upload_mb: int = Field(4096, ge=1)  # one POST /api/studies upload, all its files together
     max_associations: int = Field(10, ge=1)  # connections at once in any state; more: refused, no thread
     max_associations_per_address: int = Field(5, ge=1)  # of those, from one remote address
     # Listener processes on the DICOM port(s). 1: the listener runs in the node's process. N > 1: N
@@ -166,6 +167,46 @@ class RetentionSettings(_Section):
         return self
 
 
+class WorklistSettings(_Section):
+    """A DICOM Modality Worklist the upload and capture pages pick patients from (C-FIND SCU,
+    node/dicom/worklist.py); no host: the operator types the patient's details."""
+
+    host: str = ""  # empty: no worklist
+    port: int = Field(104, ge=1, le=65535)
+    ae_title: AETitle = "WORKLIST"  # the worklist server's AE title
+    tls: bool = False  # DICOM TLS to it, with the [tls] section's certificates
+    timeout_seconds: float = Field(10.0, gt=0)  # the whole query, connection to last answer
+    max_entries: int = Field(200, ge=1)  # answers beyond this are cancelled (C-CANCEL)
+
+
+class CaptureSettings(_Section):
+    """The camera page's frame guides: the conjunctiva's in fractions of the largest 4:3 box centred in
+    the camera's picture (all of it for a 4:3 camera; x right, y down), so that an upright phone's
+    3:4 picture does not stretch it; the skin circle's radius of the picture's shorter side."""
+
+    # The conjunctiva's frame, as the prototype drew it for a pulled-down lower eyelid: a closed
+    # outline of cubic Bezier segments, 3n + 1 points, the last equal to the first.
+    conjunctiva_frame: list[tuple[float, float]] = [
+        (0.18, 0.42),
+        (0.34, 0.36),
+        (0.66, 0.36),
+        (0.82, 0.42),
+        (0.74, 0.66),
+        (0.26, 0.66),
+        (0.18, 0.42),
+    ]
+    skin_circle_radius: float = Field(0.3, gt=0, le=0.5)  # of the picture's shorter side
+
+    @model_validator(mode="after")
+    def _check_frame(self) -> CaptureSettings:
+        points = self.conjunctiva_frame
+        if len(points) < 4 or (len(points) - 1) % 3 or points[0] != points[-1]:
+            raise ValueError("conjunctiva_frame: 3n + 1 points (n >= 1), the last equal to the first")
+        if not all(0 <= x <= 1 and 0 <= y <= 1 for x, y in points):
+            raise ValueError("conjunctiva_frame: each point's x and y between 0 and 1")
+        return self
+
+
 class TlsSettings(_Section):
     """The node's own certificate, for DICOM TLS (node/dicom/tls.py) and the dashboard's HTTPS, and the
     CAs that certificates shown to the node are checked against."""
@@ -230,6 +271,8 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     tls: TlsSettings = TlsSettings()
     retention: RetentionSettings = RetentionSettings()
+    worklist: WorklistSettings = WorklistSettings()
+    capture: CaptureSettings = CaptureSettings()
     destinations: list[Destination] = []
     routes: list[Route] = []
 

@@ -19,8 +19,7 @@ from sqlalchemy import select
 from node import audit
 from node.config import ConfigError, Destination, SendSettings, Settings
 from node.db import Database, Job, Result, Send, SendStatus, Series, Study, utcnow
-from node.dicom.network import SOCKET_HANDLERS, sending_ae
-from node.dicom.tls import tls_args
+from node.dicom.network import associate
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +36,10 @@ def backoff(settings: SendSettings, attempts: int) -> float:
 def echo(settings: Settings, destination: Destination) -> int:
     """C-ECHO a destination; the DICOM status (0 = success), or -1 if no association."""
     try:
-        tls = tls_args(settings, destination)
+        assoc = associate(settings, destination, timeout=10)
     except ConfigError as exc:  # a TLS file changed since start: the echo fails, it does not crash the page
         log.warning("C-ECHO %s: %s", destination.name, exc)
         return -1
-    ae = sending_ae(settings.node, timeout=10)
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=SOCKET_HANDLERS,
-        tls_args=tls,
-    )
     if not assoc.is_established:
         return -1
     try:
@@ -117,18 +108,11 @@ class Sender:
     def _send(self, name: str, rows: list[Any]) -> int:
         try:
             destination = self.settings.destination(name)
-            tls = tls_args(self.settings, destination)  # a certificate file gone since start fails the send
+            # a certificate file gone since start fails the send
+            assoc = associate(self.settings, destination, [row.sop_class_uid for row in rows])
         except Exception as exc:
             self._record({row.id: (False, str(exc)) for row in rows})
             return 0
-        ae = sending_ae(self.settings.node, [row.sop_class_uid for row in rows])
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            evt_handlers=SOCKET_HANDLERS,
-            tls_args=tls,
-        )
         outcomes: dict[int, tuple[bool, str]] = {}
         if not assoc.is_established:
             reason = f"no association with {destination.ae_title}@{destination.host}:{destination.port}"

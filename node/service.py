@@ -23,6 +23,7 @@ from node.ingest.index import DATABASE_UNAVAILABLE, Indexer
 from node.ingest.receivers import Receivers
 from node.ingest.reconcile import Reconciler
 from node.ingest.scp import Receiver
+from node.ingest.upload import remove_leftovers
 from node.jobs import ExecutorContext, JobStore, create_executor, dispatch, watch
 from node.retention import Retention
 from node.route import route_ready, validate
@@ -101,6 +102,7 @@ class Node:
         return run
 
     def start(self) -> None:
+        remove_leftovers(self.spool)
         reconciled = self.reconciler.at_start()
         requeued = self.store.requeue_interrupted()
         audit.append(

@@ -11,11 +11,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import tomli_w
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 from pyorthanc import Orthanc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +49,60 @@ def _http_ok(url: str, verify: ssl.SSLContext | bool = True) -> bool:
         return False
 
 
+def worklist_plugin() -> Path:
+    """Orthanc's ModalityWorklists plugin, where Debian's orthanc package puts it."""
+    for folder in (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc")):
+        found = sorted(folder.glob("libModalityWorklists.so*"))
+        if found:
+            return found[0]
+    raise FileNotFoundError("Orthanc's ModalityWorklists plugin (libModalityWorklists.so) is not installed")
+
+
+def write_worklist_entry(
+    folder: Path,
+    *,
+    patient_name: str = "DOE^JANE",
+    patient_id: str = "P1",
+    patient_birth_date: str = "",  # YYYY-MM-DD
+    patient_sex: str = "",
+    accession_number: str = "",
+    study_uid: str = "",  # empty: a new one
+    study_description: str = "",
+    scheduled: datetime | None = None,
+    modality: str = "XC",
+    station_ae: str = "AINODE",
+    charset: str | list[str] = "ISO_IR 192",  # how the file encodes its text
+) -> Path:
+    """One scheduled procedure step as a worklist file (a Part 10 file of the Modality Worklist's
+    attributes) in ``folder``, which OrthancServer(worklists=folder) serves; its path."""
+    step = Dataset()
+    step.Modality = modality
+    step.ScheduledStationAETitle = station_ae
+    step.ScheduledProcedureStepStartDate = scheduled.strftime("%Y%m%d") if scheduled else ""
+    step.ScheduledProcedureStepStartTime = scheduled.strftime("%H%M%S") if scheduled else ""
+    step.ScheduledProcedureStepDescription = study_description
+    step.ScheduledProcedureStepID = accession_number or "SPS1"
+    entry = Dataset()
+    entry.SpecificCharacterSet = charset
+    entry.PatientName = patient_name
+    entry.PatientID = patient_id
+    entry.PatientBirthDate = patient_birth_date.replace("-", "")
+    entry.PatientSex = patient_sex
+    entry.AccessionNumber = accession_number
+    entry.StudyInstanceUID = study_uid or generate_uid()
+    entry.RequestedProcedureDescription = study_description
+    entry.RequestedProcedureID = accession_number or "RP1"
+    entry.ScheduledProcedureStepSequence = [step]
+    entry.file_meta = FileMetaDataset()
+    entry.file_meta.MediaStorageSOPClassUID = ModalityWorklistInformationFind
+    entry.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    entry.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{entry.file_meta.MediaStorageSOPInstanceUID}.wl"
+    entry.save_as(path, enforce_file_format=True)
+    return path
+
+
 class OrthancServer:
     """A real Orthanc on loopback ports with its own storage folder; the node is a DICOM modality."""
 
@@ -54,6 +113,7 @@ class OrthancServer:
         lua: Sequence[Path] = (),
         dicom_port: int | None = None,
         options: dict[str, Any] | None = None,  # further Orthanc settings, e.g. its DicomTls* ones
+        worklists: Path | None = None,  # a folder of *.wl files (write_worklist_entry) to serve by C-FIND
     ) -> None:
         self.folder = folder
         self.http_port = free_port()
@@ -80,6 +140,10 @@ class OrthancServer:
         }
         if node_port is not None:
             config["DicomModalities"]["ainode"] = ["AINODE", "127.0.0.1", node_port]
+        if worklists is not None:
+            config["Plugins"].append(str(worklist_plugin()))
+            config["Worklists"] = {"Enable": True, "Database": str(worklists)}
+            config["DicomAlwaysAllowFindWorklist"] = True  # a worklist is asked by any modality
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.client = Orthanc(self.url)

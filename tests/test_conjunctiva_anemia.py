@@ -5,25 +5,31 @@ from __future__ import annotations
 
 import copy
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 
 from handlers.base import Analysis
 from handlers.conjunctiva_anemia import (
+    BLURRED,
     NO_SCLERA,
     REFERENCE_WHITE,
     TOO_DARK,
     ConjunctivaAnemiaHandler,
+    NotAnalysable,
+    frame_fill,
     prepare,
 )
 from node.runtime import PackagedModel, load_model
 from node.runtime.validate import validate_package
 from training.common import auc, pointing_hit
 from training.conjunctiva_phantom import (
+    ConjunctivaPhantom,
     Lighting,
     conjunctiva_dataset,
     photograph_eye,
@@ -170,12 +176,71 @@ def test_no_sclera_is_not_analysed(model: PackagedModel, tmp_path: Path) -> None
     analysis = analyse([read(write_conjunctiva(tmp_path, seed=8, kind="no_sclera"))], model)
     assert not analysis.analysed and analysis.findings == () and analysis.explanations == ()
     assert analysis.not_analysed_reason == NO_SCLERA
+    # Without the camera page's frame a photograph is held to the whole-photo sclera area: this one,
+    # lid and skin only, passed for an eye when the framed captures' larger limit applied to all.
+    lid_only = render(np.random.default_rng(5006), "no_sclera", shape=(480, 640))
+    with pytest.raises(NotAnalysable, match=NO_SCLERA):
+        prepare(lid_only.rgb, model.input_size)
 
 
 def test_too_dark_is_not_analysed(model: PackagedModel, tmp_path: Path) -> None:
     analysis = analyse([read(write_conjunctiva(tmp_path, seed=9, kind="dark"))], model)
     assert not analysis.analysed and analysis.findings == ()
     assert analysis.not_analysed_reason == TOO_DARK
+
+
+def framed(photo: ConjunctivaPhantom, flatness: float | None = None) -> ConjunctivaPhantom:
+    """The photograph as the camera page sends it: cropped to a frame around the eye, white outside
+    the oval frame. With ``flatness`` (height over width) the frame is as wide and low as the page's
+    guide (config's conjunctiva_frame: about 0.26), so the eye's crop box runs far past the picture."""
+    ys, xs = np.nonzero(photo.sclera | photo.conjunctiva)
+    top, bottom, left, right = ys.min() - 20, ys.max() + 20, xs.min() - 30, xs.max() + 30
+    if flatness is not None:
+        middle, half = (top + bottom) // 2, round((right - left) * flatness / 2)
+        top, bottom = middle - half, middle + half
+    rgb = photo.rgb[top:bottom, left:right].copy()
+    inside = np.zeros(rgb.shape[:2], np.uint8)
+    width, height = float(right - left), float(bottom - top)
+    cv2.ellipse(inside, ((width / 2, height / 2), (width, height), 0.0), 1, -1)
+    rgb[inside == 0] = 255
+    return replace(photo, rgb=rgb)
+
+
+def test_blurred_is_not_analysed(model: PackagedModel) -> None:
+    """Camera shake or missed focus: the same eye sharp is analysed, blurred (sigma 4 px at 640 px
+    wide, afterwards or in the camera before its noise) it is refused with advice to retake — also
+    with the camera page's white fill around it, whose border is sharp however blurred the eye is."""
+    eye = random_eye(np.random.default_rng(60), hb=8.0)
+    sharp = photograph_eye(eye, LIGHTINGS[2], (480, 640))
+    shaken = replace(sharp, rgb=cv2.GaussianBlur(sharp.rgb, (0, 0), 4.0))
+    unfocused = photograph_eye(eye, replace(LIGHTINGS[2], blur=4.0 / 640), (480, 640))
+    for photo in (sharp, framed(sharp), framed(sharp, 0.26)):
+        assert analyse([conjunctiva_dataset(photo, "sharp")], model).analysed
+    for photo in (shaken, unfocused, framed(shaken), framed(shaken, 0.26)):
+        analysis = analyse([conjunctiva_dataset(photo, "blurred")], model)
+        assert not analysis.analysed and analysis.findings == ()
+        assert analysis.not_analysed_reason == BLURRED == "blurred: hold the camera still and retake"
+
+
+def test_only_white_holding_a_corner_is_left_out_as_the_frame_fill(model: PackagedModel) -> None:
+    """The camera page's fill and a white sheet along an edge are not the eye, so the same sclera is
+    found with or without them; white that reaches an edge between the corners — a bright sclera in a
+    tight close-up — stays in the photograph, where the exposure checks see it."""
+    photo = photograph_eye(random_eye(np.random.default_rng(0), hb=8.0), LIGHTINGS[2], (480, 640))
+    on_sheet = photo.rgb.copy()
+    on_sheet[-60:] = 255
+    alone, beside = prepare(photo.rgb, model.input_size), prepare(on_sheet, model.input_size)
+    assert (alone.sclera & beside.sclera).sum() / (alone.sclera | beside.sclera).sum() > 0.95
+    assert np.allclose(alone.white, beside.white, atol=2 / 255)
+
+    fill = frame_fill(framed(photo).rgb / 255.0)
+    rows, cols = fill.shape
+    assert fill[[0, 0, -1, -1], [0, -1, 0, -1]].all() and not fill[rows // 2, cols // 2]
+
+    left = int(np.nonzero(photo.sclera)[1].min()) + 15  # the eye's white now reaches the left edge
+    close_up, sclera = photo.rgb[:, left:].copy(), photo.sclera[:, left:]
+    close_up[sclera] = 252
+    assert sclera[:, 0].any() and not frame_fill(close_up / 255.0)[sclera].any()
 
 
 def test_overexposed_is_not_analysed(model: PackagedModel, tmp_path: Path) -> None:

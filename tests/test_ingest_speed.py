@@ -20,6 +20,7 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from node.config import Settings, StudySettings
 from node.db import Database
+from node.dicom import filemeta
 from node.ingest.accept import Ingest, Origin
 from node.ingest.conflicts import SETTLING_LOCK
 from node.ingest.index import Indexer
@@ -184,6 +185,55 @@ def test_the_listener_stores_each_instance_with_one_write(
             "AINODE",
         )
     assert wait_for(lambda: not any(ingest.spool.receiving.iterdir()), 5, "receiving/ emptied")
+
+
+def test_an_instance_in_many_small_pdus_is_stored_byte_exact(
+    listener: tuple[Receiver, int], ingest: Ingest, slices: list[Path]
+) -> None:
+    """storescu's smallest PDUs (4 KiB: a 64×64 slice in a few, the data set's fragments split
+    anywhere): every fragment lands in the received file in order, which becomes the spool file."""
+    _, port = listener
+    run = storescu(port, slices, extra=["--max-send-pdu", "4096"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    stored = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p
+        for p in ingest.spool.incoming.rglob("*.dcm")
+    }
+    for source in slices:
+        uid = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+        assert data_set(stored[uid]) == data_set(source)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AE")  # the non-ASCII title, on purpose
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"SourceApplicationEntityTitle": "AINODE", "SendingApplicationEntityTitle": "A B C"},
+        {"SendingApplicationEntityTitle": "", "MediaStorageSOPInstanceUID": "1.2.3"},
+        {"ImplementationVersionName": None},  # absent: pydicom's writer adds its own
+        {"MediaStorageSOPInstanceUID": None},  # absent: refused as pydicom's writer refuses it
+        {"SendingApplicationEntityTitle": "ÄRZTE"},  # not ASCII: pydicom's writer decides
+    ],
+)
+def test_the_meta_is_encoded_as_pydicom_encodes_it(slices: list[Path], change: dict[str, str | None]) -> None:
+    """node.dicom.filemeta encodes the usual meta itself (pydicom's writer cost 0.4 ms an instance on
+    the acknowledgement path, twice): byte for byte what pydicom writes, its errors for what it refuses."""
+    metas = [request_meta(slices[0]), request_meta(slices[0])]
+    for meta in metas:
+        for keyword, value in change.items():
+            if value is None:
+                del meta[keyword]
+            else:
+                setattr(meta, keyword, value)
+    try:
+        expected = encode_file_meta(metas[1])
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            filemeta.encode(metas[0])
+        return
+    assert filemeta.encode(metas[0]) == expected
+    assert metas[0] == metas[1]  # the group length set in both
 
 
 def test_the_listeners_associations_wait_instead_of_polling(

@@ -25,19 +25,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from node.ingest.photo import Code, code, set_colour_pixels
+
 WHEN = datetime(2024, 1, 1, 9, 0, 0)
-Code = tuple[str, str, str]  # code value, coding scheme designator, code meaning
 
 
 def uid(key: str, part: str) -> str:
     """The UID of ``part`` (study, series, sop1 …) of the synthetic instance or series named ``key``."""
     return str(generate_uid(entropy_srcs=["ainode-demo", key, part]))
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
 
 
 def _ophthalmic(ds: Dataset) -> None:
@@ -55,7 +50,7 @@ def _ophthalmic(ds: Dataset) -> None:
     ds.EmmetropicMagnification = None
     ds.IntraOcularPressure = None
     ds.PupilDilated = "NO"
-    ds.AcquisitionDeviceTypeCodeSequence = [_code("409898007", "SCT", "Fundus Camera")]
+    ds.AcquisitionDeviceTypeCodeSequence = [code("409898007", "SCT", "Fundus Camera")]
     ds.IlluminationTypeCodeSequence = []
     ds.LightPathFilterTypeStackCodeSequence = []
     ds.ImagePathFilterTypeStackCodeSequence = []
@@ -163,10 +158,10 @@ def radiograph(
     ds.PositionerType = ""
     ds.AcquisitionContextSequence = []
     ds.AnatomicRegionSequence = (
-        [_code("51185008", "SCT", "Thoracic structure")] if body_part == "CHEST" else []
+        [code("51185008", "SCT", "Thoracic structure")] if body_part == "CHEST" else []
     )
     if view_position == "PA":
-        ds.ViewCodeSequence = [_code("399348003", "SCT", "postero-anterior")]
+        ds.ViewCodeSequence = [code("399348003", "SCT", "postero-anterior")]
     values = np.clip(pixels, 0.0, 1.0)
     stored = np.rint((1.0 - values if monochrome1 else values) * 4095).astype("<u2")
     ds.SamplesPerPixel = 1
@@ -197,8 +192,6 @@ def photograph(
     """A VL Photographic, Ophthalmic Photography 8 Bit or Dermoscopic Photography image (by
     ``sop_class_uid``) from (H, W, 3) uint8 RGB: what is photographed in the Anatomic Region Sequence
     (``region``), Image Laterality R, L, U (unpaired) or B, Modality the class's unless given."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"a photograph is (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
     if sop_class_uid not in _PHOTOGRAPHIC:
         raise ValueError(f"SOP class {sop_class_uid} is not one of {sorted(_PHOTOGRAPHIC)}")
     own_modality, modules = _PHOTOGRAPHIC[sop_class_uid]
@@ -210,7 +203,7 @@ def photograph(
             raise ValueError(f"laterality is 'L', 'R', 'U' or 'B', got {laterality!r}")
         ds.ImageLaterality = laterality
     if region is not None:
-        ds.AnatomicRegionSequence = [_code(*region)]
+        ds.AnatomicRegionSequence = [code(*region)]
     if modules is not None:
         modules(ds)
     ds.AcquisitionContextSequence = []
@@ -218,12 +211,5 @@ def photograph(
     ds.PatientOrientation = ""
     ds.BurnedInAnnotation = "NO"
     ds.AcquisitionDateTime = WHEN.strftime("%Y%m%d%H%M%S")
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = rgb.shape[:2]
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(rgb).tobytes()
+    set_colour_pixels(ds, rgb)
     return ds

@@ -26,7 +26,6 @@ from pydicom.filebase import DicomBytesIO, DicomIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu import A_ABORT_RQ
@@ -34,8 +33,10 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from node.config import NodeSettings
+from node.config import Destination, NodeSettings, Settings
+from node.dicom import filemeta
 from node.dicom.limits import GuardedAE, ListenerGuard
+from node.dicom.tls import tls_args
 
 # What the listener accepts: uncompressed in every byte order, deflated, and the compressed syntaxes
 # pydicom can decode with the pylibjpeg plugins, so a sender never has to transcode and the analysis
@@ -138,7 +139,7 @@ def _write_received_meta(fp: DicomIO, file_meta: FileMetaDataset, enforce_standa
         file_meta.SendingApplicationEntityTitle = assoc.requestor.ae_title.strip()
         file_meta.ReceivingApplicationEntityTitle = assoc.acceptor.ae_title.strip()
     try:
-        encoded = encode_file_meta(file_meta)
+        encoded = filemeta.encode(file_meta)
     except Exception:  # what the standard requires is missing or invalid: written as it is
         buffer = DicomBytesIO()
         write_file_meta_info(buffer, file_meta, enforce_standard=False)
@@ -377,6 +378,23 @@ def sending_ae(node: NodeSettings, sop_classes: Sequence[str] = (), timeout: flo
     return ae
 
 
+def associate(
+    settings: Settings,
+    peer: Destination,
+    sop_classes: Sequence[str] = (),
+    timeout: float | None = None,
+    handlers: Sequence[EventHandlerType] = (),
+) -> Association:
+    """An association as the node's AE with ``peer`` (a destination, the worklist server), over DICOM
+    TLS where the peer says so, with the handlers every outgoing connection gets and ``handlers``.
+    Raises ConfigError where the TLS files are not usable (changed since start)."""
+    tls = tls_args(settings, peer)
+    ae = sending_ae(settings.node, sop_classes, timeout)
+    return ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[*SOCKET_HANDLERS, *handlers], tls_args=tls
+    )
+
+
 def discard_partial_data_set(assoc: Any) -> None:
     """Delete the file of a C-STORE data set the connection ended in the middle of (aborted, dropped,
     cut by a deadline). Never acknowledged; pynetdicom deletes only the files of whole requests, so a
@@ -406,10 +424,13 @@ def contain_failures(assoc: Any, on_broken: Callable[[Any, Exception], None]) ->
             _abort_broken(assoc, exc, on_broken)
 
     def unanswerable(event: Any) -> None:
+        message = event.message
         try:
-            primitive = event.message.message_to_primitive()
+            primitive = message.message_to_primitive()
         except Exception:  # pynetdicom aborts these itself
             return
+        # pynetdicom's provider converts the message again right after this event: it gets this one
+        message.message_to_primitive = lambda: primitive
         valid = (getattr(primitive, name, True) for name in ("is_valid_request", "is_valid_response"))
         if not any(valid):  # C-CANCEL has neither: pynetdicom keeps it apart
             _abort_broken(assoc, InvalidRequest(type(primitive).__name__), on_broken)

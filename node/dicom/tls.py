@@ -138,6 +138,10 @@ def check(settings: Settings) -> None:
         server_context(tls, client_certificates=True)
     for destination in settings.destinations:
         tls_args(settings, destination)
+    if settings.worklist.host and settings.worklist.tls:
+        from node.dicom.worklist import server  # the worklist's SCU builds on this module
+
+        tls_args(settings, server(settings))
 
 
 class _GuardedTlsSocket(GuardedSocket, ssl.SSLSocket):  # type: ignore[misc]  # its recv calls SSLSocket.recv

@@ -21,11 +21,11 @@ from typing import Any, BinaryIO, Protocol
 
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pynetdicom.dsutils import encode_file_meta
 
 from node import audit
 from node.config import Settings
 from node.db import Database
+from node.dicom import filemeta
 from node.ingest import checks
 from node.ingest.conflicts import UID_CONFLICT, Conflicts
 from node.ingest.index import Arrival
@@ -58,21 +58,29 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Origin:
-    """Who handed the node an instance, and where to: what the audit log and the routes see."""
+    """Who handed the node an instance, and where to: what the audit log and the routes see. An
+    upload has a ``user`` (the audit log's actor, node.accounts.Principal.actor) and no calling AE."""
 
     calling_ae: str
     called_ae: str
     address: str
+    user: str = ""
+
+    @property
+    def actor(self) -> str:
+        """Who the audit log names: the user, else the calling AE title."""
+        return self.user or self.calling_ae
 
     def audit(self, db: Database, action: str, outcome: str = "success", **detail: Any) -> None:
         """Record, in its own transaction, something this origin did."""
-        audit.append(db, action, actor=self.calling_ae, outcome=outcome, address=self.address, **detail)
+        audit.append(db, action, actor=self.actor, outcome=outcome, address=self.address, **detail)
 
 
-def arrival_of(path: Path, size: int, header: Dataset, called_ae: str = "") -> Arrival:
+def arrival_of(path: Path, size: int, header: Dataset, called_ae: str = "", user: str = "") -> Arrival:
     """What a spool file is, read from its header and meta information alone (where the node keeps
     the AE titles it came with): so an instance reconciled after a crash routes as it would have.
-    ``called_ae`` stands in for a file written before the node kept them there."""
+    ``called_ae`` stands in for a file written before the node kept them there; ``user`` is who
+    uploaded it (not kept in the file: one reconciled after a crash names no one)."""
     meta = header.file_meta
     return Arrival(
         study_uid=check_uid(header.get("StudyInstanceUID"), "StudyInstanceUID"),
@@ -85,19 +93,22 @@ def arrival_of(path: Path, size: int, header: Dataset, called_ae: str = "") -> A
         header=header,
         calling_ae=str(meta.get("SendingApplicationEntityTitle", "")).strip(),
         called_ae=str(meta.get("ReceivingApplicationEntityTitle", called_ae)).strip(),
+        user=user,
     )
 
 
 @contextlib.contextmanager
-def _opened(dataset: bytes | Path) -> Iterator[BinaryIO]:
+def _opened(dataset: bytes | Path, own: bool) -> Iterator[BinaryIO]:
     """``dataset`` to read from its first byte: the bytes themselves, or a Part 10 file after its meta
-    information."""
+    information — skipped by its group length where the node wrote the file itself (``own``: the
+    listener's), read and checked otherwise."""
     if isinstance(dataset, bytes):
         yield BytesIO(dataset)
         return
     with dataset.open("rb") as file:
         try:
-            checks.read_meta(file)
+            if not (own and checks.skip_own_meta(file)):
+                checks.read_meta(file)
         except checks.Unreadable as exc:
             raise Refused(CANNOT_UNDERSTAND, str(exc)) from exc
         yield file
@@ -134,8 +145,9 @@ class Ingest:
         information is skipped. Raises Refused, and nothing else: a failure of the node's own is
         refused as out of resources, so the sender tries again later."""
         try:
-            with _opened(dataset) as body:
-                return self._accept(meta, body, origin, self._received(dataset))
+            received = self._received(dataset)
+            with _opened(dataset, received is not None) as body:
+                return self._accept(meta, body, origin, received)
         except Refused as refusal:
             self._audit_refusal(meta, origin, refusal)
             raise
@@ -167,9 +179,9 @@ class Ingest:
         try:
             announced = check_uid(meta.MediaStorageSOPInstanceUID, "Affected SOP Instance UID")
             check_uid(meta.MediaStorageSOPClassUID, "Affected SOP Class UID")
-            head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+            head = filemeta.PREAMBLE + filemeta.encode(meta)
             header = checks.inspect(body, meta, self.settings.node)
-            arrival = arrival_of(Path(), len(head) + size, header)
+            arrival = arrival_of(Path(), len(head) + size, header, user=origin.user)
         except checks.Unreadable as exc:
             raise Refused(_REFUSED_AS[type(exc)], str(exc)) from exc
         except InvalidUID as exc:  # names the UID, which carries no patient data
@@ -212,6 +224,4 @@ class Ingest:
             )
         except Exception:  # the audit database itself may be what failed
             log.exception("could not audit a refused instance")
-        log.warning(
-            "instance from %s refused with 0x%04X: %s", origin.calling_ae, refusal.status, refusal.reason
-        )
+        log.warning("instance from %s refused with 0x%04X: %s", origin.actor, refusal.status, refusal.reason)

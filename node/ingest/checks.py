@@ -30,11 +30,17 @@ HEADER_VALUE_LIMIT = 1024 * 1024  # a header element larger than this is left ou
 # many elements just under the one limit is not held (three times over, while parsed) in memory.
 HEADER_LIMIT = 4 * 1024 * 1024
 _CHUNK = 1024 * 1024  # what is read or inflated at a time
+# What is read at a time of a data set that is not deflated: a header's worth, so that the pixel data
+# after it is mostly skipped by a seek, not read (on the acknowledgement path, for every instance).
+_PLAIN_READ = 64 * 1024
 _MAX_DEPTH = 32  # sequences nested deeper than this are not a real instance's
 _META_LIMIT = 64 * 1024  # a file meta information group larger than this is not one
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_BYTES = {0x7FE00010: 0, 0x7FE00008: 4, 0x7FE00009: 8}  # Pixel Data (Bits Allocated), Float, Double
+# A Part 10 file's first bytes up to its meta information group length's value: preamble, prefix, and
+# (0002,0000) UL of length 4 (explicit VR little endian).
+_OWN_META_START = b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
@@ -66,7 +72,7 @@ class _Reader:
     def _more(self) -> bytes:
         """The next piece of the data set; b"" at its end."""
         if self._inflater is None:
-            return self._fp.read(_CHUNK)
+            return self._fp.read(_PLAIN_READ)
         while not self._inflater.eof:
             data = self._inflater.unconsumed_tail or self._fp.read(_CHUNK)
             # With all input given, what zlib still holds is a few bytes' worth: flush() is bounded.
@@ -104,12 +110,15 @@ class _Reader:
         return data
 
     def skip(self, size: int) -> None:
-        if self.capture is not None or self._inflater is not None or size <= len(self._buffer):
+        if self.capture is not None or self._inflater is not None:
             while size > 0:
                 size -= len(self.read(min(size, _CHUNK)))
             return
-        size -= len(self._buffer)
-        self._buffer.clear()
+        held = min(size, len(self._buffer))  # dropped, not copied out: a pixel data value may be in it
+        del self._buffer[:held]
+        size -= held
+        if not size:
+            return
         here = self._fp.tell()
         end = self._fp.seek(0, 2)
         if here + size > end:
@@ -292,6 +301,18 @@ def read_meta(fp: BinaryIO) -> FileMetaDataset:
     except Exception as exc:
         raise Unreadable(f"the file meta information is malformed: {type(exc).__name__}") from None
     return meta
+
+
+def skip_own_meta(fp: BinaryIO) -> bool:
+    """Whether ``fp``, a Part 10 file the node wrote itself, begins with a meta information group
+    length; it is then left at its data set's start, found by that length without a parse (the
+    listener's files, on the acknowledgement path). Else nothing is said of the file."""
+    fp.seek(0)
+    head = fp.read(len(_OWN_META_START) + 4)
+    if len(head) != len(_OWN_META_START) + 4 or not head.startswith(_OWN_META_START):
+        return False
+    fp.seek(len(head) + struct.unpack("<L", head[-4:])[0])
+    return True
 
 
 def read_header(path: Path, node: NodeSettings) -> Dataset:

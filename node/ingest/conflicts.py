@@ -34,8 +34,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from sqlalchemy import bindparam, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
 
 from node import audit
 from node.db import Database, Instance, Patient, Series, Study
@@ -53,6 +53,24 @@ _STRIPES = 64
 
 PatientKey = tuple[str, str]  # (PatientID, PatientName) as the index stores them
 _T = TypeVar("_T")
+
+# The acknowledgement path's look-ups, built once: constructing them costs more than running them.
+_STUDY_PATIENT = (
+    select(Patient.patient_id, Patient.patient_name)
+    .join(Study, Study.patient_fk == Patient.id)
+    .where(Study.study_uid == bindparam("uid"))
+)
+_SERIES_STUDY = (
+    select(Study.study_uid)
+    .join(Series, Series.study_fk == Study.id)
+    .where(Series.series_uid == bindparam("uid"))
+)
+_INSTANCE_PLACE = (
+    select(Study.study_uid, Series.series_uid)
+    .join(Series, Series.study_fk == Study.id)
+    .join(Instance, Instance.series_fk == Series.id)
+    .where(Instance.sop_uid == bindparam("uid"))
+)
 
 
 class UIDConflict(ValueError):
@@ -198,7 +216,7 @@ class Conflicts:
             self.db,
             "instance.conflict",
             outcome="failure",
-            actor=arrival.calling_ae,
+            actor=arrival.actor,
             study_uid=arrival.study_uid,
             kind=conflict.kind,
             series_uid=arrival.series_uid,
@@ -228,24 +246,11 @@ class Conflicts:
         try:  # a connection, not an ORM session: read-only look-ups on the acknowledgement's path
             with self.db.engine.connect() as connection:
                 if need_study:
-                    patient = connection.execute(
-                        select(Patient.patient_id, Patient.patient_name)
-                        .join(Study, Study.patient_fk == Patient.id)
-                        .where(Study.study_uid == arrival.study_uid)
-                    ).first()
+                    patient = connection.execute(_STUDY_PATIENT, {"uid": arrival.study_uid}).first()
                     study_patient = (patient[0], patient[1]) if patient else None
-                    series_study = connection.scalar(
-                        select(Study.study_uid)
-                        .join(Series, Series.study_fk == Study.id)
-                        .where(Series.series_uid == arrival.series_uid)
-                    )
+                    series_study = connection.scalar(_SERIES_STUDY, {"uid": arrival.series_uid})
                 if need_instance:
-                    place = connection.execute(
-                        select(Study.study_uid, Series.series_uid)
-                        .join(Series, Series.study_fk == Study.id)
-                        .join(Instance, Instance.series_fk == Series.id)
-                        .where(Instance.sop_uid == arrival.sop_uid)
-                    ).first()
+                    place = connection.execute(_INSTANCE_PLACE, {"uid": arrival.sop_uid}).first()
                     instance_place = (place[0], place[1]) if place else None
         except sa_exc.SQLAlchemyError:
             with self._lock:

@@ -43,7 +43,8 @@ DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.D
 @dataclass(frozen=True)
 class Arrival:
     """One stored instance: what it is (its parsed header; every UID validated), where it lies and
-    who sent it (the calling and called AE titles, also kept in the file's meta information)."""
+    who sent it (the calling and called AE titles, also kept in the file's meta information; the user
+    who uploaded it, kept only here)."""
 
     study_uid: str
     series_uid: str
@@ -55,7 +56,13 @@ class Arrival:
     header: Dataset
     calling_ae: str = ""
     called_ae: str = ""
+    user: str = ""  # node.accounts.Principal.actor of an upload: the audit log's actor
     supersedes: Superseded | None = None  # a correction: the earlier version, kept aside
+
+    @property
+    def actor(self) -> str:
+        """Who the audit log names: the user of an upload, else the calling AE title."""
+        return self.user or self.calling_ae
 
     @property
     def patient(self) -> PatientKey:
@@ -230,7 +237,7 @@ def index_arrival(
 def _about(arrival: Arrival) -> dict[str, str]:
     """Who sent an arrival and what it is, as every audit event about it names them."""
     return {
-        "actor": storable(arrival.calling_ae),
+        "actor": storable(arrival.actor),
         "study_uid": arrival.study_uid,
         "series_uid": arrival.series_uid,
         "sop_uid": arrival.sop_uid,

@@ -1,29 +1,40 @@
-"""JSON API: health, studies with their status and stage timings, Prometheus metrics, and the
-study-complete notification a PACS sends once it has forwarded a whole study.
+"""JSON API: health, studies with their status and stage timings, Prometheus metrics, the
+study-complete notification a PACS sends once it has forwarded a whole study, and uploads.
 
-The API only reads the database, but for that notification, which it hands to the node's indexer. All
+The API only reads the database, but for that notification, which it hands to the node's indexer,
+and uploads, which go through the node's ingest like any C-STORE (node.ingest.upload). All
 but /healthz need a session or an API token (node.web.auth); reading a study's patient identity is PHI
 access and is audited with who read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydicom.uid import UID
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import selectinload
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from node import audit
 from node.db import Database, Instance, Job, JobStatus, Result, Send, SendStatus, Series, SeriesStatus, Study
 from node.dicom.limits import ListenerLoad
+from node.ingest.accept import Ingest, Origin
+from node.ingest.identity import InvalidDetails, check_details
+from node.ingest.photo import KINDS
+from node.ingest.upload import PhotoDetails, Upload, is_photo
 from node.spool import Spool
 from node.web.auth import Principal, require
 from node.web.render import error_line
@@ -272,3 +283,103 @@ def study_complete(study_uid: str, request: Request, principal: Operator) -> dic
     audit.append(request.app.state.db, "study.complete_notified", actor=principal.actor, study_uid=study_uid)
     complete(study_uid, f"study-complete notification from {principal.actor}")
     return {"study_uid": study_uid, "status": "accepted"}
+
+
+def _upload_size(request: Request) -> None:
+    """Refuse an upload over [node] max_upload_mb by its Content-Length, before its form is read."""
+    limit = request.app.state.settings.node.max_upload_mb
+    length = request.headers.get("content-length")
+    if length is None:
+        raise HTTPException(status_code=411, detail="send the upload with a Content-Length")
+    if not length.isdigit() or int(length) > limit * 2**20:
+        raise HTTPException(status_code=413, detail=f"an upload is at most {limit} MB")
+
+
+class _UploadForm(MultiPartParser):
+    """Starlette's multipart parser holding at most 64 KiB of each file in memory: its default, 1 MB,
+    would keep an upload of a thousand small slices wholly in memory. The rest of a file is spooled
+    to the temporary folder (TMPDIR) until the upload takes it."""
+
+    spool_max_size = 64 * 1024
+
+
+async def _upload_form(request: Request, principal: Principal) -> FormData:
+    """The request's multipart form; 400 for anything else, or a malformed one."""
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "multipart/form-data":
+        raise HTTPException(status_code=400, detail="send the files as multipart/form-data field 'files'")
+    if principal.via == "session" and not request.headers.get("x-csrf-token"):
+        return await request.form()  # node.web.auth found the CSRF token in it: Starlette parsed and keeps it
+    try:
+        async with contextlib.aclosing(request.stream()) as stream:
+            return await _UploadForm(request.headers, stream).parse()
+    except MultiPartException as exc:
+        raise HTTPException(status_code=400, detail=exc.message) from None
+
+
+def _photo_details(form: FormData, operator: str) -> PhotoDetails:
+    """The form's task and patient details, for photographs; 422 naming each field at fault."""
+    fields = {key: value for key, value in form.items() if isinstance(value, str)}
+    errors = []
+    kind = KINDS.get(fields.get("task", ""))
+    if kind is None:
+        errors.append({"field": "task", "message": f"Task is one of {', '.join(KINDS)}"})
+    try:
+        details = check_details(fields, datetime.now().date())
+    except InvalidDetails as invalid:
+        errors += invalid.errors
+    if errors or kind is None:
+        raise HTTPException(status_code=422, detail=errors)
+    return PhotoDetails(kind, details, operator)
+
+
+@router.post("/api/studies", status_code=201, dependencies=[Depends(_upload_size)])
+async def upload(request: Request, principal: Operator) -> Any:
+    """DICOM files, zip archives of them and JPEG/PNG photographs (wrapped as DICOM with the form's
+    patient details) into the node as a C-STORE would bring them, the user as their origin; the
+    studies they fill are complete as soon as the upload ends (no quiet period). 201 when anything
+    was accepted, else 422; each file's outcome in the answer. Audited as study.uploaded."""
+    ingest: Ingest | None = request.app.state.ingest
+    complete: Callable[[str, str], None] | None = request.app.state.complete_study
+    if ingest is None or complete is None:
+        raise HTTPException(status_code=503, detail="no node runs in this process to take uploads")
+    form = await _upload_form(request, principal)
+    try:
+        files = form.getlist("files")
+        if not files or not all(isinstance(file, UploadFile) for file in files):
+            raise HTTPException(status_code=400, detail="send the files as multipart/form-data field 'files'")
+        uploads = [file for file in files if isinstance(file, UploadFile)]
+        heads = [await file.read(16) for file in uploads]
+        photos = _photo_details(form, principal.name) if any(map(is_photo, heads)) else None
+        address = request.client.host if request.client else ""
+        origin = Origin("", ingest.settings.node.ae_title, address, user=principal.actor)
+
+        def take() -> Upload:
+            """Off the event loop: the files are copied and parsed, the database written."""
+            with Upload(ingest, origin, photos, datetime.now()) as taken:
+                for file in uploads:
+                    taken.add(file.filename or "(unnamed)", file.file)
+            for study_uid in taken.studies:
+                complete(study_uid, f"uploaded by {principal.actor}")
+            _audit_upload(request.app.state.db, origin, taken, uploads)
+            return taken
+
+        taken = await run_in_threadpool(take)
+    finally:
+        await form.close()  # the spooled files
+    answer = {"studies": taken.studies, "files": [asdict(outcome) for outcome in taken.outcomes]}
+    return answer if taken.accepted else JSONResponse(answer, status_code=422)
+
+
+def _audit_upload(db: Database, origin: Origin, taken: Upload, files: list[UploadFile]) -> None:
+    """study.uploaded: who, which studies (they name the patient through the index: no event carries a
+    patient's name or ID), which files, and how many of them were taken."""
+    origin.audit(
+        db,
+        "study.uploaded",
+        "success" if taken.accepted else "failure",
+        study_uid=taken.studies[0] if len(taken.studies) == 1 else "",
+        studies=taken.studies,
+        files=[{"name": file.filename or "(unnamed)", "bytes": file.size} for file in files],
+        accepted=taken.accepted,
+        refused=len(taken.outcomes) - taken.accepted,
+    )

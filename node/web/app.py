@@ -19,9 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from node.config import Settings
 from node.db import Database
 from node.dicom.limits import ListenerLoad
+from node.ingest.accept import Ingest
 from node.spool import Spool
-from node.web import api, auth
-from node.web.pages import audit, configuration, destinations, models, overview, routes, studies
+from node.web import api, auth, worklist
+from node.web.pages import audit, capture, configuration, destinations, models, overview, routes, studies
 from node.web.render import page
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -39,17 +40,31 @@ def create_app(
     dicom_listening: Callable[[], bool] = lambda: True,
     dicom_load: Callable[[], ListenerLoad | None] = lambda: None,
     complete_study: Callable[[str, str], None] | None = None,
+    ingest: Ingest | None = None,
 ) -> FastAPI:
     """The app. ``dicom_listening`` tells /healthz whether the DICOM listener is up, ``dicom_load`` how
     many connections it holds against its limit (None: not known), ``complete_study`` declares a study
-    complete (node.ingest.index.Indexer.complete_study; None: no node runs here to tell)."""
+    complete (node.ingest.index.Indexer.complete_study; None: no node runs here to tell), ``ingest``
+    takes uploads (POST /api/studies; None: no node runs here to take them)."""
     # No /docs: the interactive API pages would load their scripts from a CDN.
     app = FastAPI(title="AI node", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db, app.state.spool, app.state.settings = db, spool, settings
     app.state.dicom_listening, app.state.dicom_load = dicom_listening, dicom_load
-    app.state.complete_study = complete_study
+    app.state.complete_study, app.state.ingest = complete_study, ingest
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    for module in (api, auth, overview, studies, models, routes, destinations, audit, configuration):
+    for module in (
+        api,
+        auth,
+        worklist,
+        overview,
+        studies,
+        models,
+        routes,
+        destinations,
+        audit,
+        configuration,
+        capture,
+    ):
         app.include_router(module.router)
 
     @app.exception_handler(auth.LoginRequired)
