@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
@@ -167,8 +167,13 @@ def test_failures_are_worklist_errors(orthanc: OrthancServer) -> None:
         query(_settings(silent.getsockname()[1], timeout_seconds=1), WorklistQuery())
 
 
-def test_a_server_without_the_service_or_failing_says_so_and_is_released() -> None:
+def test_a_server_without_the_service_or_failing_says_so_and_is_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A peer that is no worklist, and one that fails the query: each named, the association released."""
+    # pynetdicom's setting is the process's: a node listener started by an earlier test accepting every
+    # SOP class as storage would make the echo-only peer take the worklist's context too.
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", False)
     released = threading.Event()
 
     def fail(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
