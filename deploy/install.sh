@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[tensorflow,test]"
+[ "${1:-}" = "--test" ] && extras="[tensorflow,distributed,test]"
 
 packages="orthanc dcmtk dicom3tools"
 # --test: Node.js for tests/ohif, which opens SR and SEG objects with the npm libraries OHIF 3.13 uses

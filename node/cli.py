@@ -72,6 +72,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A distributed worker: runs the node's jobs for the model packages in its models_dir."""
+    from node.jobs import worker
+
+    settings = _settings(args)
+    if not settings.jobs.distributed.resolved_secret():
+        raise ConfigError("jobs.distributed: set secret or secret_file (the node's) to reach the node")
+    settings.node.data_dir.mkdir(parents=True, exist_ok=True)
+    return worker.serve(settings, args.name or "")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from node.dicom import tls
     from node.route import validate
@@ -447,6 +458,14 @@ def parser() -> argparse.ArgumentParser:
         return p
 
     command("serve", cmd_serve, "run the DICOM listener, the jobs, the sender and the HTTP API")
+    run_jobs = command(
+        "worker",
+        cmd_worker,
+        "run a node's jobs on this host (executor celery): its models_dir's models, node.workers at once",
+    )
+    run_jobs.add_argument(
+        "--name", help="the worker's name (default: jobs.distributed.worker_name or ainode@host)"
+    )
     command("check-config", cmd_check_config, "validate the settings, routes and model packages")
     command("echo", cmd_echo, "C-ECHO a configured destination").add_argument("destination")
     infer = command(

@@ -99,6 +99,40 @@ class StudySettings(_Section):
     forwarders: list[AETitle] = []
 
 
+class DistributedSettings(_Section):
+    """``[jobs.distributed]``: the Celery executor (``[jobs] executor = "celery"``) and its workers
+    (``ainode worker``). The node and every worker read the same table; see the README's "Distributed
+    workers"."""
+
+    # The broker: RabbitMQ (durable queues, acknowledged after the outcome is recorded), or Redis
+    # ("redis://127.0.0.1:6379/0"; a message unacknowledged for visibility_seconds is delivered again).
+    # "amqps://" / "rediss://" for TLS.
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    visibility_seconds: float = Field(3600.0, gt=0)  # Redis only: longer than the longest job
+    # How workers reach the node's internal endpoints (files in, results out): "https://" off one host.
+    node_url: str = "http://127.0.0.1:8080"
+    # Shared by the node and its workers (Authorization: Bearer); empty: the internal endpoints are off.
+    # Prefer secret_file (or AINODE_JOBS__DISTRIBUTED__SECRET) to writing it here.
+    secret: str = ""
+    secret_file: Path | None = None
+    ca_file: Path | None = None  # a worker verifies the node's HTTPS certificate against this
+    # True: workers read the claimed files where the node's spool has them and write results there (one
+    # file system shared by all); False: over HTTP.
+    shared_spool: bool = False
+    max_in_flight: int = Field(64, ge=1)  # jobs handed to the broker and not yet ended, at most
+    heartbeat_seconds: float = Field(10.0, gt=0)  # how often a worker says it is alive
+    worker_name: str = ""  # empty: ainode@<host name>
+    # Devices a worker serves: "cpu", "gpu"; empty: cpu, and gpu where torch sees CUDA. A job is sent to
+    # the model's ".gpu" queue when prefer_gpu and a live worker serves it there.
+    devices: list[Literal["cpu", "gpu"]] = []
+    prefer_gpu: bool = True
+
+    def resolved_secret(self) -> str:
+        if self.secret_file is not None:
+            return self.secret_file.read_text().strip()
+        return self.secret
+
+
 class JobSettings(_Section):
     executor: str = "local"  # who runs jobs: a name registered in node.jobs.executor
     max_attempts: int = Field(2, ge=1)  # a job that fails is run again up to this many times in all
@@ -117,6 +151,7 @@ class JobSettings(_Section):
     # or a CAM fast-path head) is exported once to data_dir/runtimes and timed both ways while a worker is
     # idle; the faster runs its later jobs (logged). "never": every package under its own framework.
     onnx_runtime: Literal["when_faster", "never"] = "when_faster"
+    distributed: DistributedSettings = DistributedSettings()  # only for executor = "celery"
 
 
 class SendSettings(_Section):
@@ -360,6 +395,11 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             node.data_dir = base / node.data_dir
         if not node.models_dir.is_absolute():
             node.models_dir = base / node.models_dir
+        distributed = settings.jobs.distributed
+        for name in ("secret_file", "ca_file"):
+            file = getattr(distributed, name)
+            if file is not None and not file.is_absolute():
+                setattr(distributed, name, base / file)
         audit = settings.audit
         for name in ("key_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
             file = getattr(audit, name)

@@ -188,9 +188,28 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # The worker running or last running it: "" for the local pool; a distributed worker's name
+    # (node.jobs.distributed) as it took the attempt.
+    worker: Mapped[str] = mapped_column(String(128), default="")
     series: Mapped[Series] = relationship(back_populates="jobs")
     inputs: Mapped[list[Series]] = relationship(secondary=job_series, order_by="Series.id")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")
+
+
+class Worker(Base):
+    """A distributed worker (``ainode worker``) as it last said: what it runs, and when it last spoke.
+    The local pool's processes are not listed."""
+
+    __tablename__ = "workers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)  # ["ct-hemorrhage 1.2.0", ...]
+    devices: Mapped[list[str]] = mapped_column(JSON, default=list)  # ["cpu", "gpu"]
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)  # the broker queues it consumes
+    concurrency: Mapped[int] = mapped_column(default=1)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Result(Base):

@@ -63,6 +63,7 @@ class Claim:
     spec: JobSpec
     files: list[str]
     time_limit: float  # seconds; the executor stops the job after this and fails it as a timeout
+    attempt: int = 0  # which attempt this is (the job's attempts once claimed): an outcome names it
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,7 @@ class JobStore:
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 return None  # another dispatcher took it
             session.refresh(job)
-            files = session.execute(
-                select(Instance.path, Instance.size)
-                .join(job_series, job_series.c.series_fk == Instance.series_fk)
-                .where(job_series.c.job_fk == job.id)
-                .order_by(Instance.series_fk, Instance.id)
-            ).all()
+            files = _files(session, job.id)
             limit = time_limit(self.settings, len(files), sum(size for _, size in files))
             audit.record(
                 session,
@@ -116,23 +112,55 @@ class JobStore:
                 attempt=job.attempts,
                 time_limit=round(limit),
             )
-            spec = JobSpec(
-                job_id=job.id,
-                handler=job.handler,
-                model=job.model,
-                model_version=job.model_version or None,
-                companions=dict(job.companions),
-                options=dict(job.options),
-                outputs=[OutputSpec.model_validate(output) for output in job.outputs],
-            )
-            return Claim(spec, [path for path, _ in files], limit)
+            return Claim(_spec(job), [path for path, _ in files], limit, job.attempts)
 
-    def finish(self, job_id: int, output: JobOutput) -> None:
-        """Record a job's results, and queue a send of each to each of the job's destinations."""
+    def take(self, job_id: int, attempt: int, worker: str) -> Claim | None:
+        """A distributed worker takes attempt ``attempt`` of a job: record its name on the job, and
+        return the job as claimed (the spec and files are the database's, whatever the message said).
+        None when the job is no longer running that attempt (a message delivered again after the
+        attempt ended, or one the watchdog gave up on): drop it."""
         with self.db.session() as session:
-            job = _running(session, job_id)
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
+                .values(worker=worker[:128])
+            )
+            if taken.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            job = session.get(Job, job_id, populate_existing=True)
+            assert job is not None
+            files = _files(session, job_id)
+            limit = time_limit(self.settings, len(files), sum(size for _, size in files))
+            audit.record(
+                session,
+                "job.taken",
+                study_uid=job.series.study.study_uid,
+                job=job.id,
+                attempt=attempt,
+                worker=job.worker,
+            )
+            return Claim(_spec(job), [path for path, _ in files], limit, attempt)
+
+    def files(self, job_id: int, attempt: int) -> list[str] | None:
+        """The files of a job running attempt ``attempt``; None when it is not."""
+        with self.db.session() as session:
+            running = session.scalar(
+                select(Job.id).where(
+                    Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt
+                )
+            )
+            return None if running is None else [path for path, _ in _files(session, job_id)]
+
+    def finish(self, job_id: int, output: JobOutput, attempt: int | None = None) -> bool:
+        """Record a job's results, and queue a send of each to each of the job's destinations. With
+        ``attempt``, only while the job still runs that attempt (compare-and-set: an attempt the
+        watchdog gave up on, or a message delivered twice, is never recorded). Returns whether it
+        was recorded."""
+        with self.db.session() as session:
+            # (called without ``attempt`` where none is given: tests replace _running with its old form)
+            job = _running(session, job_id) if attempt is None else _running(session, job_id, attempt)
             if job is None:
-                return
+                return False
             job.status = JobStatus.DONE
             job.finished_at = utcnow()
             job.model_version = output.model.version
@@ -175,11 +203,13 @@ class JobStore:
                     destinations=destinations,
                 )
         log.info("job %d done in %.1f s: %s", job_id, sum(output.timings.values()), output.summary)
+        return True
 
-    def fail(self, job_id: int, failure: JobFailed) -> bool:
-        """Record a failed attempt. Returns whether the job is queued to run again."""
+    def fail(self, job_id: int, failure: JobFailed, attempt: int | None = None) -> bool:
+        """Record a failed attempt (with ``attempt``: only while the job still runs it, as
+        :meth:`finish`). Returns whether the job is queued to run again."""
         with self.db.session() as session:
-            job = _running(session, job_id)
+            job = _running(session, job_id) if attempt is None else _running(session, job_id, attempt)
             if job is None:
                 return False
             retry = job.attempts < self._attempts_allowed(failure.kind)
@@ -297,17 +327,43 @@ def rerun_study(db: Database, study_uid: str, actor: str) -> list[int]:
         return [job.id for job in jobs]
 
 
-def _running(session: Session, job_id: int) -> Job | None:
-    """The job, if it is still running: an outcome is recorded only for a job that was claimed and
-    whose state nobody has decided since (a cancelled and deleted job, say). The check is a write, so
-    the row stays locked until the transaction ends and the watchdog and a slot ending the job at that
-    moment cannot both decide: SQLite ignores FOR UPDATE and reads outside the transaction, and a
-    job read as running there could be decided twice (failed with its results queued to send)."""
-    locked = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(status=JobStatus.RUNNING)
+def _spec(job: Job) -> JobSpec:
+    return JobSpec(
+        job_id=job.id,
+        handler=job.handler,
+        model=job.model,
+        model_version=job.model_version or None,
+        companions=dict(job.companions),
+        options=dict(job.options),
+        outputs=[OutputSpec.model_validate(output) for output in job.outputs],
     )
+
+
+def _files(session: Session, job_id: int) -> list[tuple[str, int]]:
+    """The path and size of every instance of every series a job covers, in a fixed order."""
+    rows = session.execute(
+        select(Instance.path, Instance.size)
+        .join(job_series, job_series.c.series_fk == Instance.series_fk)
+        .where(job_series.c.job_fk == job_id)
+        .order_by(Instance.series_fk, Instance.id)
+    ).all()
+    return [(path, size) for path, size in rows]
+
+
+def _running(session: Session, job_id: int, attempt: int | None = None) -> Job | None:
+    """The job, if it is still running (with ``attempt``: that attempt): an outcome is recorded only
+    for a job that was claimed and whose state nobody has decided since (a cancelled and deleted job,
+    say). The check is a write, so the row stays locked until the transaction ends and the watchdog and
+    a slot ending the job at that moment cannot both decide: SQLite ignores FOR UPDATE and reads
+    outside the transaction, and a job read as running there could be decided twice (failed with its
+    results queued to send)."""
+    running = [Job.id == job_id, Job.status == JobStatus.RUNNING]
+    if attempt is not None:
+        running.append(Job.attempts == attempt)
+    locked = session.execute(update(Job).where(*running).values(status=JobStatus.RUNNING))
     if locked.rowcount != 1:  # type: ignore[attr-defined]
-        log.warning("job %d is no longer running; its outcome is not recorded", job_id)
+        said = "" if attempt is None else f" attempt {attempt}"
+        log.warning("job %d is no longer running%s; its outcome is not recorded", job_id, said)
         return None
     return session.get(Job, job_id, populate_existing=True)
 

@@ -21,7 +21,7 @@ from node.db import Database
 from node.dicom.limits import ListenerLoad
 from node.ingest.accept import Ingest
 from node.spool import Spool
-from node.web import api, auth, worklist
+from node.web import api, auth, internal, worklist
 from node.web.pages import audit, capture, configuration, destinations, models, overview, routes, studies
 from node.web.render import page
 
@@ -64,6 +64,7 @@ def create_app(
         audit,
         configuration,
         capture,
+        internal,
     ):
         app.include_router(module.router)
 

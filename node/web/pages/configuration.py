@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import tomli_w
 from fastapi import APIRouter, Depends, Request
@@ -25,6 +26,15 @@ def effective(settings: Settings) -> str:
     url = data["node"].get("database_url")
     if url:
         data["node"]["database_url"] = make_url(url).render_as_string(hide_password=True)
+    distributed = data["jobs"]["distributed"]
+    if distributed.get("secret"):
+        distributed["secret"] = "***"
+    broker = urlsplit(distributed["broker_url"])
+    if broker.password:
+        netloc = f"{broker.username or ''}:***@{broker.hostname or ''}" + (
+            f":{broker.port}" if broker.port else ""
+        )
+        distributed["broker_url"] = urlunsplit(broker._replace(netloc=netloc))
     return tomli_w.dumps(data)
 
 

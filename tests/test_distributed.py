@@ -1,0 +1,568 @@
+"""Distributed workers (issue 14): the node (``ainode serve``, executor ``celery``, PostgreSQL) hands
+jobs through RabbitMQ to ``ainode worker`` processes, which fetch the files over the node's internal
+endpoints and return the results the same way.
+
+Needs RabbitMQ at 127.0.0.1:5672 with ``rabbitmqctl`` (each test gets its own virtual host), the
+PostgreSQL of the other tests, dcmtk's storescu; the network namespace test needs root (``ip netns``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import psycopg
+import pytest
+import tomli_w
+from sqlalchemy import select
+
+from node.config import Settings
+from node.db import AuditEvent, Database, Job, JobStatus, Send, SendStatus, Worker, open_database, utcnow
+from node.jobs import JobFailed, JobStore
+from node.jobs.distributed import output_from_json, output_to_json, safe_name, spec_from_json, spec_to_json
+from node.jobs.run import JobOutput, WrittenResult
+from node.runtime.identity import ModelIdentity
+from node.spool import Spool
+from node.web.app import create_app
+from tests.conftest import PG_ADMIN
+from tests.peers import REPO, NodeProcess, OrthancServer, storescu, wait_for
+from tests.test_jobs import job, queued_job
+from training.chest_phantom import NORMAL, chest_dicom, sample
+
+pytestmark = pytest.mark.distributed
+
+SECRET = "a-test-worker-secret"
+PLUGIN = "tests.slow_output"
+
+
+def _open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    run = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"rabbitmqctl {' '.join(args)}: {run.stdout}{run.stderr}"
+    return run
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A RabbitMQ virtual host of the test's own: queues left by another test cannot reach it."""
+    pytest.importorskip("celery")
+    if shutil.which("rabbitmqctl") is None or not _open("127.0.0.1", 5672):
+        pytest.skip("needs RabbitMQ at 127.0.0.1:5672 and rabbitmqctl")
+    name = f"ainode-test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    name = f"ainode_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Relay:
+    """A TCP relay from ``listen`` to ``target``: how a worker in another network namespace reaches
+    services that listen on 127.0.0.1 only (the broker, the node)."""
+
+    def __init__(self, listen_host: str, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server((listen_host, 0))
+        self.port = self.server.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self.server.close()
+
+
+class Cluster:
+    """A node and its workers, each its own process, as ``ainode serve`` and ``ainode worker``."""
+
+    def __init__(
+        self, folder: Path, vhost: str, database_url: str, pacs: OrthancServer | None = None
+    ) -> None:
+        self.folder = folder
+        self.vhost = vhost
+        self.database_url = database_url
+        settings: dict[str, Any] = {
+            "node": {"database_url": database_url, "plugins": [PLUGIN]},
+            "study": {"stable_seconds": 0},
+            "jobs": {"executor": "celery", "distributed": self.distributed()},
+            "routes": [
+                {
+                    "name": "chest",
+                    "match": {"Modality": "DX", "BodyPartExamined": "CHEST"},
+                    "handler": "chest_xray",
+                    "model": "chest-xray",
+                    "outputs": ["sc", "sr", "nap"],
+                    "destinations": ["pacs"] if pacs else [],
+                }
+            ],
+        }
+        if pacs is not None:
+            settings["destinations"] = [
+                {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+            ]
+            settings["send"] = {"first_delay_seconds": 0.5, "backoff_factor": 1.5, "max_delay_seconds": 2}
+        self.node = NodeProcess(folder / "node", settings)
+        self.db: Database | None = None
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.sent = 0
+
+    def distributed(self, broker: str = "127.0.0.1:5672", node_url: str = "") -> dict[str, Any]:
+        return {
+            "broker_url": f"amqp://guest:guest@{broker}/{quote(self.vhost, safe='')}",
+            "secret": SECRET,
+            "node_url": node_url,
+            "heartbeat_seconds": 1.0,
+        }
+
+    def start(self) -> Cluster:
+        self.node.start()
+        self.db = open_database(self.database_url)
+        return self
+
+    def worker(
+        self,
+        name: str,
+        models_dir: Path = REPO / "models",
+        netns: str | None = None,
+        broker: str = "127.0.0.1:5672",
+        node_url: str = "",
+        nap: float = 0.0,
+        wait: bool = True,
+        torch_threads: int = 2,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``ainode worker`` with a data folder of its own; wait until the node hears from it."""
+        folder = self.folder / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "node": {
+                "data_dir": str(folder / "var"),
+                "models_dir": str(models_dir),
+                "workers": 1,
+                "torch_threads": torch_threads,
+                "plugins": [PLUGIN],
+            },
+            "jobs": {"distributed": self.distributed(broker, node_url or self.node.url)},
+        }
+        path = folder / "worker.toml"
+        path.write_bytes(tomli_w.dumps(config).encode())
+        command = [sys.executable, "-m", "node.cli", "worker", "--config", str(path), "--name", name]
+        if netns:
+            command = ["ip", "netns", "exec", netns, *command]
+        log = open(folder / "worker.log", "ab")  # noqa: SIM115 - kept open for the process
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+            start_new_session=True,  # its own process group: killed whole, as a host going away
+            env={**os.environ, "TEST_NAP_SECONDS": str(nap)},
+        )
+        self.workers[name] = process
+        if wait:
+            wait_for(lambda: self._alive(name), 180, f"worker {name} to say it is up")
+        return process
+
+    def _alive(self, name: str) -> bool:
+        process = self.workers[name]
+        if process.poll() is not None:
+            raise RuntimeError(f"worker {name} exited with {process.returncode}:\n{self.log(name)[-3000:]}")
+        assert self.db is not None
+        with self.db.session() as session:
+            worker = session.scalar(select(Worker).where(Worker.name == name))
+            return worker is not None and (utcnow() - worker.last_seen_at).total_seconds() < 5
+
+    def log(self, name: str) -> str:
+        return (self.folder / name / "worker.log").read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the worker and its processes, as a host that goes away."""
+        process = self.workers.pop(name)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def send(self, count: int) -> list[str]:
+        """``count`` chest radiographs, each its own study, sent to the node over DICOM."""
+        files, studies = [], []
+        for _ in range(count):
+            self.sent += 1
+            ds = chest_dicom(sample(np.random.default_rng(self.sent), 400, NORMAL), f"dist{self.sent}")
+            path = self.folder / "studies" / f"{self.sent}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+            studies.append(str(ds.StudyInstanceUID))
+        run = storescu(self.node.dicom_port, files)
+        assert run.returncode == 0, run.stderr
+        return studies
+
+    def jobs(self) -> list[Job]:
+        assert self.db is not None
+        with self.db.session() as session:
+            return list(session.scalars(select(Job).order_by(Job.id)))
+
+    def wait_done(self, count: int, timeout: float = 300) -> list[Job]:
+        def done() -> list[Job] | None:
+            jobs = self.jobs()
+            failed = [job for job in jobs if job.status == JobStatus.FAILED]
+            assert not failed, [(job.id, job.error) for job in failed]
+            finished = [job for job in jobs if job.status == JobStatus.DONE]
+            return jobs if len(finished) >= count else None
+
+        return wait_for(done, timeout, f"{count} jobs done", interval=0.5)  # type: ignore[no-any-return]
+
+    def finished_events(self) -> dict[int, int]:
+        """How many times each job was recorded as finished: once, whatever happened."""
+        assert self.db is not None
+        with self.db.session() as session:
+            events = session.scalars(select(AuditEvent).where(AuditEvent.action == "job.finished")).all()
+        counts: dict[int, int] = {}
+        for event in events:
+            counts[int(event.detail["job"])] = counts.get(int(event.detail["job"]), 0) + 1
+        return counts
+
+    def stop(self) -> None:
+        for name in list(self.workers):
+            process = self.workers.pop(name)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+        self.node.stop()
+        if self.db is not None:
+            self.db.dispose()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, vhost: str, pg_url: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, vhost, pg_url)
+    yield made
+    made.stop()
+
+
+def only(models: list[str], folder: Path) -> Path:
+    """A models folder holding only ``models`` (links to the bundled packages)."""
+    folder.mkdir(parents=True)
+    for name in models:
+        (folder / name).symlink_to(REPO / "models" / name, target_is_directory=True)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_study_goes_to_the_worker_with_the_model_and_its_results_are_sent(
+    tmp_path: Path, vhost: str, pg_url: str
+) -> None:
+    """The vertical slice: node → broker → the worker that has the model fetches the files over HTTP,
+    runs the job, uploads the results → the node records them and sends them to the PACS. A worker
+    without the model is running all the while and never receives a job."""
+    pacs = OrthancServer(tmp_path / "orthanc").start()
+    cluster = Cluster(tmp_path / "cluster", vhost, pg_url, pacs=pacs)
+    try:
+        cluster.start()
+        cluster.worker("has-model")
+        cluster.worker("no-model", models_dir=only(["fundus"], tmp_path / "fundus-only"))
+        studies = cluster.send(4)
+        jobs = cluster.wait_done(4)
+        assert {job.worker for job in jobs} == {"has-model"}
+        assert all(job.attempts == 1 for job in jobs)
+        assert set(cluster.finished_events().values()) == {1}
+        assert "Task ainode.run_job[" not in cluster.log("no-model")  # never received one
+
+        def all_sent() -> bool:
+            assert cluster.db is not None
+            with cluster.db.session() as session:
+                statuses = session.scalars(select(Send.status)).all()
+            return bool(statuses) and all(status == SendStatus.SENT for status in statuses)
+
+        wait_for(all_sent, 120, "every result sent to the PACS")
+        for study in studies:
+            assert pacs.series_in_study(study)  # the image and the node's results
+        # Each worker said what it serves; the one without the model has no queue for it.
+        assert cluster.db is not None
+        with cluster.db.session() as session:
+            workers = {w.name: w for w in session.scalars(select(Worker))}
+        assert "ainode.model.chest-xray" in workers["has-model"].queues
+        assert not [q for q in workers["no-model"].queues if "chest-xray" in q]
+    finally:
+        cluster.stop()
+        pacs.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_the_job_completes_once_elsewhere(cluster: Cluster) -> None:
+    cluster.start()
+    cluster.worker("first", nap=8)
+    studies = cluster.send(1)
+    assert studies
+
+    def taken() -> Job | None:
+        jobs = cluster.jobs()
+        return jobs[0] if jobs and jobs[0].worker == "first" else None
+
+    job = wait_for(taken, 120, "the first worker to take the job")
+    cluster.worker("second", nap=0)  # started now: the first worker surely took the job
+    time.sleep(2)  # halfway through its nap
+    cluster.kill("first")
+    (done,) = cluster.wait_done(1, timeout=240)
+    assert done.id == job.id and done.worker == "second"
+    assert done.attempts == 1  # delivered again by the broker: the same attempt, not a retry
+    assert cluster.finished_events() == {job.id: 1}
+
+
+@pytest.mark.slow
+def test_queued_jobs_survive_a_broker_restart(cluster: Cluster) -> None:
+    if os.environ.get("TEST_NO_BROKER_RESTART"):
+        pytest.skip("TEST_NO_BROKER_RESTART is set: the broker is shared")
+    cluster.start()
+    cluster.send(3)
+    # No worker yet: the jobs are claimed and wait at the broker.
+    wait_for(
+        lambda: len([j for j in cluster.jobs() if j.status == JobStatus.RUNNING]) == 3,
+        60,
+        "3 jobs at the broker",
+    )
+    rabbitmqctl("stop_app")
+    try:
+        assert not _open("127.0.0.1", 5672)
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+    cluster.worker("after-restart")
+    jobs = cluster.wait_done(3)
+    assert {job.worker for job in jobs} == {"after-restart"}
+    assert set(cluster.finished_events().values()) == {1}
+
+
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair: its name and this side's address."""
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2 (ip netns)")
+    tag = uuid.uuid4().hex[:6]
+    name, host_end, ns_end = f"ainode-{tag}", f"vh{tag}", f"vn{tag}"
+    subnet = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
+    added = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if added.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here (needs root or CAP_NET_ADMIN): {added.stderr}")
+    try:
+        for command in (
+            ["ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end],
+            ["ip", "link", "set", ns_end, "netns", name],
+            ["ip", "addr", "add", f"{subnet}.1/30", "dev", host_end],
+            ["ip", "link", "set", host_end, "up"],
+            ["ip", "netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/30", "dev", ns_end],
+            ["ip", "netns", "exec", name, "ip", "link", "set", ns_end, "up"],
+            ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+        ):
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode != 0:
+                pytest.skip(f"cannot set up the veth pair: {' '.join(command)}: {run.stderr}")
+        yield name, f"{subnet}.1"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes the veth pair along
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_worker_in_its_own_network_namespace(cluster: Cluster, netns: tuple[str, str]) -> None:
+    """A worker that shares neither the node's loopback nor its data folder: the broker and the node
+    reach it only through the veth pair (relays stand in for their listening on a network address)."""
+    name, address = netns
+    cluster.start()
+    node_port = int(cluster.node.url.rsplit(":", 1)[1])
+    broker, node = Relay(address, ("127.0.0.1", 5672)), Relay(address, ("127.0.0.1", node_port))
+    try:
+        cannot = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                name,
+                sys.executable,
+                "-c",
+                "import socket; socket.create_connection(('127.0.0.1', 5672), 2)",
+            ],
+            capture_output=True,
+        )
+        assert cannot.returncode != 0  # the namespace's loopback has no broker
+        cluster.worker(
+            "isolated",
+            netns=name,
+            broker=f"{address}:{broker.port}",
+            node_url=f"http://{address}:{node.port}",
+        )
+        cluster.send(2)
+        jobs = cluster.wait_done(2)
+        assert {job.worker for job in jobs} == {"isolated"}
+        assert set(cluster.finished_events().values()) == {1}
+        assert not list((cluster.folder / "isolated" / "var").glob("work/*"))  # fetched files cleaned up
+    finally:
+        broker.close()
+        node.close()
+
+
+@pytest.mark.slow
+def test_the_internal_endpoints_want_the_secret(cluster: Cluster) -> None:
+    import httpx
+
+    cluster.start()
+    url = f"{cluster.node.url}/internal/workers/w/heartbeat"
+    assert httpx.post(url, json={}).status_code == 401
+    assert httpx.post(url, json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = httpx.post(url, json={"models": ["x 1.0.0"]}, headers={"Authorization": f"Bearer {SECRET}"})
+    assert ok.status_code == 204
+    stale = httpx.post(
+        f"{cluster.node.url}/internal/jobs/999/take",
+        json={"attempt": 1, "worker": "w"},
+        headers={"Authorization": f"Bearer {SECRET}"},
+    )
+    assert stale.status_code == 409
+
+
+IDENTITY = ModelIdentity("ct-hemorrhage", "1.0.0", "ab" * 32, "ResNet50 classifier")
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def test_an_outcome_is_recorded_only_for_the_attempt_still_running(db: Database, tmp_path: Path) -> None:
+    """Compare-and-set on (job, attempt): a late or repeated outcome of an attempt that was decided is
+    never recorded, so a job runs to completion once whatever the broker delivers twice."""
+    queued_job(db, tmp_path, model="ct-hemorrhage")
+    jobs = JobStore(db, Settings().jobs)
+    claim = jobs.claim()
+    assert claim is not None and claim.attempt == 1
+    job_id = claim.spec.job_id
+    assert jobs.take(job_id, 2, "w") is None  # not the attempt that runs
+    taken = jobs.take(job_id, 1, "w")
+    assert taken is not None and (taken.spec, taken.files, taken.attempt) == (claim.spec, claim.files, 1)
+    assert job(db).worker == "w"
+    assert jobs.fail(job_id, JobFailed("crashed", "late"), attempt=2) is False
+    assert job(db).status == JobStatus.RUNNING
+    assert jobs.fail(job_id, JobFailed("crashed", "died"), attempt=1) is True  # queued again
+    again = jobs.claim()
+    assert again is not None and again.attempt == 2
+    output = JobOutput(IDENTITY, [], "nothing", {"analysed": False}, {})
+    assert jobs.finish(job_id, output, attempt=1) is False  # the first attempt's late result
+    assert jobs.files(job_id, 1) is None and jobs.files(job_id, 2) == claim.files
+    assert jobs.finish(job_id, output, attempt=2) is True
+    assert jobs.finish(job_id, output, attempt=2) is False  # delivered twice: recorded once
+    assert (job(db).status, job(db).attempts) == (JobStatus.DONE, 2)
+
+
+def test_what_crosses_the_broker_and_the_endpoints_round_trips(tmp_path: Path) -> None:
+    from node.config import OutputSpec
+    from node.jobs.run import JobSpec
+
+    spec = JobSpec(
+        7, "chest_xray", "chest-xray", "1.0.0", {"segmenter": "x"}, {"k": 1}, [OutputSpec(writer="sr")]
+    )
+    assert spec_from_json(spec_to_json(spec)) == spec
+    output = JobOutput(
+        IDENTITY, [WrittenResult("SR", "1.2.3", SR, "/w/out/SR-1.2.3.dcm")], "s", {"a": 1}, {"t": 1.5}
+    )
+    back = output_from_json(output_to_json(output), tmp_path)
+    assert back.results[0].path == str(tmp_path / "SR-1.2.3.dcm")
+    assert (back.model, back.summary, back.outcome, back.timings) == (IDENTITY, "s", {"a": 1}, {"t": 1.5})
+    for bad in ("../x.dcm", "a/b.dcm", "..", ""):
+        with pytest.raises(ValueError):
+            safe_name(bad)
+
+
+def test_the_internal_endpoints_hand_out_files_and_take_results(db: Database, tmp_path: Path) -> None:
+    """A worker's side of a job, over HTTP: take, fetch, upload, finish; the wrong secret or a stale
+    attempt is refused."""
+    from fastapi.testclient import TestClient
+
+    settings = Settings.model_validate({"jobs": {"distributed": {"secret": SECRET}}})
+    spool = Spool(tmp_path)
+    queued_job(db, tmp_path, model="ct-hemorrhage")
+    claim = JobStore(db, settings.jobs).claim()
+    assert claim is not None
+    job_id, auth = claim.spec.job_id, {"Authorization": f"Bearer {SECRET}"}
+    off = TestClient(create_app(db, spool, Settings()))  # no secret: the endpoints are off
+    assert off.post(f"/internal/jobs/{job_id}/take", json={"attempt": 1}, headers=auth).status_code == 404
+    client = TestClient(create_app(db, spool, settings))
+    assert client.post(f"/internal/jobs/{job_id}/take", json={"attempt": 1}).status_code == 401
+    bad = {"Authorization": "Bearer nope"}
+    assert client.post(f"/internal/jobs/{job_id}/take", json={"attempt": 1}, headers=bad).status_code == 401
+    assert client.post(f"/internal/jobs/{job_id}/take", json={"attempt": 2}, headers=auth).status_code == 409
+    taken = client.post(f"/internal/jobs/{job_id}/take", json={"attempt": 1, "worker": "w1"}, headers=auth)
+    assert taken.status_code == 200
+    assert taken.json()["files"] == len(claim.files) and "paths" not in taken.json()
+    assert spec_from_json(taken.json()["spec"]) == claim.spec
+    fetched = client.get(f"/internal/jobs/{job_id}/files/0?attempt=1", headers=auth)
+    assert fetched.status_code == 200 and fetched.content == Path(claim.files[0]).read_bytes()
+    assert client.get(f"/internal/jobs/{job_id}/files/0?attempt=2", headers=auth).status_code == 409
+    assert client.get(f"/internal/jobs/{job_id}/files/99?attempt=1", headers=auth).status_code == 404
+    put = client.put(f"/internal/jobs/{job_id}/results/SR-1.2.3.dcm?attempt=1", content=b"DICM", headers=auth)
+    assert put.status_code == 204
+    assert (spool.result_dir(job_id) / "SR-1.2.3.dcm").read_bytes() == b"DICM"
+    output = JobOutput(IDENTITY, [WrittenResult("SR", "1.2.3", SR, "/w/SR-1.2.3.dcm")], "fine", {}, {})
+    finish = f"/internal/jobs/{job_id}/finish?attempt=1"
+    assert client.post(finish, json=output_to_json(output), headers=auth).status_code == 200
+    assert client.post(finish, json=output_to_json(output), headers=auth).status_code == 409  # once
+    done = job(db)
+    assert (done.status, done.worker, done.summary) == (JobStatus.DONE, "w1", "fine")
+    with db.session() as session:
+        (result,) = session.scalars(select(Job).where(Job.id == job_id)).one().results
+        assert result.path == str(spool.result_dir(job_id) / "SR-1.2.3.dcm")
