@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-import psycopg
 import pytest
 import tomli_w
 from sqlalchemy import select
@@ -37,7 +36,7 @@ from node.jobs.run import JobOutput, WrittenResult
 from node.runtime.identity import ModelIdentity
 from node.spool import Spool
 from node.web.app import create_app
-from tests.conftest import PG_ADMIN
+from tests.conftest import postgres_database
 from tests.peers import REPO, NodeProcess, OrthancServer, storescu, wait_for
 from tests.test_jobs import job, queued_job
 from training.chest_phantom import NORMAL, chest_dicom, sample
@@ -77,15 +76,8 @@ def vhost() -> Iterator[str]:
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    name = f"ainode_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database() as url:
+        yield url
 
 
 class Relay:

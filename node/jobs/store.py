@@ -100,8 +100,7 @@ class JobStore:
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 return None  # another dispatcher took it
             session.refresh(job)
-            files = _files(session, job.id)
-            limit = time_limit(self.settings, len(files), sum(size for _, size in files))
+            claimed_job = self._claim(session, job)
             audit.record(
                 session,
                 "job.started",
@@ -110,9 +109,9 @@ class JobStore:
                 route=job.route,
                 model=job.model,
                 attempt=job.attempts,
-                time_limit=round(limit),
+                time_limit=round(claimed_job.time_limit),
             )
-            return Claim(_spec(job), [path for path, _ in files], limit, job.attempts)
+            return claimed_job
 
     def take(self, job_id: int, attempt: int, worker: str) -> Claim | None:
         """A distributed worker takes attempt ``attempt`` of a job: record its name on the job, and
@@ -129,8 +128,6 @@ class JobStore:
                 return None
             job = session.get(Job, job_id, populate_existing=True)
             assert job is not None
-            files = _files(session, job_id)
-            limit = time_limit(self.settings, len(files), sum(size for _, size in files))
             audit.record(
                 session,
                 "job.taken",
@@ -139,7 +136,13 @@ class JobStore:
                 attempt=attempt,
                 worker=job.worker,
             )
-            return Claim(_spec(job), [path for path, _ in files], limit, attempt)
+            return self._claim(session, job)
+
+    def _claim(self, session: Session, job: Job) -> Claim:
+        """A running job as an executor runs it: its spec, files, time limit and attempt."""
+        files = _files(session, job.id)
+        limit = time_limit(self.settings, len(files), sum(size for _, size in files))
+        return Claim(_spec(job), [path for path, _ in files], limit, job.attempts)
 
     def files(self, job_id: int, attempt: int) -> list[str] | None:
         """The files of a job running attempt ``attempt``; None when it is not."""
