@@ -340,6 +340,31 @@ class LoadRun:
     not_done: int
 
 
+def drive(node: NodeProcess, inputs: Inputs, args: argparse.Namespace) -> tuple[float, list[dict[str, Any]]]:
+    """The workload into a running node: a study of each task first, until settled (unless
+    ``args.cold``), then every sender at once. The seconds until the senders are done, and every
+    study's rows once the node has settled."""
+    warm_instances = warm_studies = 0
+    if not args.cold:  # each model's first job after a start is not what load is about
+        send_all(node.dicom_port, "AINODE", [inputs.warmup])
+        warm_instances, warm_studies = len(inputs.warmup.files), len(SINGLE_IMAGE) + 1
+        wait_settled(node, warm_instances, warm_studies, args.timeout)
+    node_s = send_all(node.dicom_port, "AINODE", inputs.senders)
+    everything = wait_settled(
+        node, warm_instances + inputs.instances, warm_studies + len(inputs.modality), args.timeout
+    )
+    return node_s, everything
+
+
+def studies_per_minute(rows: Sequence[dict[str, Any]]) -> float:
+    """Studies done per minute, the workload's first instance received → its last result sent (the
+    node's clock); ``rows``: the workload's studies, done or not."""
+    done = [row for row in rows if row["status"] == "done"]
+    first = min(_when(row["first_received_at"]).timestamp() for row in rows)
+    last = max(_when(row["first_received_at"]).timestamp() + row["timings"]["total"] for row in done)
+    return len(done) / (last - first) * 60
+
+
 def load_run(folder: Path, inputs: Inputs, args: argparse.Namespace) -> tuple[LoadRun, Path]:
     """The senders to a fresh Orthanc (the reference), then the same to a fresh node sending its
     results to that Orthanc; returns the run and the node's configuration file."""
@@ -351,15 +376,7 @@ def load_run(folder: Path, inputs: Inputs, args: argparse.Namespace) -> tuple[Lo
         assert node.process is not None
         sampler = ProcessSampler(node.process.pid, node.dicom_port).start()
         try:
-            warm_instances = warm_studies = 0
-            if not args.cold:  # each model's first job after a start is not what load is about
-                send_all(node.dicom_port, "AINODE", [inputs.warmup])
-                warm_instances, warm_studies = len(inputs.warmup.files), len(SINGLE_IMAGE) + 1
-                wait_settled(node, warm_instances, warm_studies, args.timeout)
-            node_s = send_all(node.dicom_port, "AINODE", inputs.senders)
-            everything = wait_settled(
-                node, warm_instances + inputs.instances, warm_studies + len(inputs.modality), args.timeout
-            )
+            node_s, everything = drive(node, inputs, args)
         except Exception:
             print(f"the node's log, its end:\n{node.log.read_text()[-4000:]}", file=sys.stderr)
             raise
@@ -376,12 +393,8 @@ def load_run(folder: Path, inputs: Inputs, args: argparse.Namespace) -> tuple[Lo
         modality = inputs.modality[row["study_uid"]]
         latency.setdefault(modality, []).append(row["timings"]["last_instance_to_sent"])
         quiet.setdefault(modality, []).append(row["timings"]["wait_stable"] or 0.0)
-    first = min(_when(row["first_received_at"]).timestamp() for row in rows)
-    last = max(_when(row["first_received_at"]).timestamp() + row["timings"]["total"] for row in done)
     peaks = {role: sampler.peaks_mb(role) for role in ("receiver", "main", "worker")}
-    run = LoadRun(
-        orthanc_s, node_s, len(done) / (last - first) * 60, latency, quiet, peaks, len(rows) - len(done)
-    )
+    run = LoadRun(orthanc_s, node_s, studies_per_minute(rows), latency, quiet, peaks, len(rows) - len(done))
     return run, node.config
 
 
@@ -422,7 +435,7 @@ def ct_alone(folder: Path, files: Sequence[Path], args: argparse.Namespace) -> A
     )
 
 
-def _median(values: Sequence[float], digits: int = 2) -> str:
+def median_of_runs(values: Sequence[float], digits: int = 2) -> str:
     """The median, and every run's value after it."""
     return f"{statistics.median(values):.{digits}f} (runs {', '.join(f'{v:.{digits}f}' for v in values)})"
 
@@ -454,12 +467,12 @@ def report(
     orthanc_s = [r.orthanc_s for r in runs]
     node_s = [r.node_s for r in runs]
     print("  receive, until every sender is done, s")
-    print(f"    Orthanc (reference) {_median(orthanc_s)}")
-    print(f"    node                {_median(node_s)}")
+    print(f"    Orthanc (reference) {median_of_runs(orthanc_s)}")
+    print(f"    node                {median_of_runs(node_s)}")
     ratios = [n / o for n, o in zip(node_s, orthanc_s, strict=True)]
-    print(f"    ratio node / Orthanc {_median(ratios)}")
+    print(f"    ratio node / Orthanc {median_of_runs(ratios)}")
     per_minute = [r.studies_per_minute for r in runs]
-    print(f"  studies per minute, first instance → last result sent: {_median(per_minute, 1)}")
+    print(f"  studies per minute, first instance → last result sent: {median_of_runs(per_minute, 1)}")
     print("  last instance → last result sent, s: each run's p50 and p95, medians of runs; 'quiet': of which")
     print("  waiting for completeness (p50)")
     for modality in [name for name, _ in SINGLE_IMAGE] + ["CT"]:
@@ -482,7 +495,7 @@ def report(
         largest = [max(r.peaks_mb[role]) for r in runs if r.peaks_mb[role]]
         if largest:
             count = statistics.median(len(r.peaks_mb[role]) for r in runs)
-            print(f"  peak RSS, {what} ({count:.0f} processes), largest, MB: {_median(largest, 0)}")
+            print(f"  peak RSS, {what} ({count:.0f} processes), largest, MB: {median_of_runs(largest, 0)}")
     print("  memory flat: peak RSS, MB, of a fresh node given one CT alone (head-CT route only), once")
     for name, alone in ((f"{len(inputs.small_ct)} slices", small), (f"{len(ct.files)} slices", large)):
         print(

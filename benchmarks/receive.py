@@ -1,7 +1,8 @@
 """Receive throughput: 300-slice 512×512 CTs sent by dcmtk storescu to the node, against two references
 measured on the same machine in the same run: dcmtk's own storescp (no fsync), and the durable-write
 floor — the same files written in Python as the node must (write, fsync, rename, folder fsync), with
-nothing else. Reports medians of several runs.
+nothing else. Reports medians of several runs. Each node started is left until it is idle (its
+workers load their models at start) before it is sent to.
 
     .venv/bin/python -m benchmarks.receive [--runs 5] [--slices 300] [--senders 1] [--receivers 1]
 
@@ -13,6 +14,7 @@ writers at once. ``--receivers N`` runs the node with ``[node] receivers = N``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -98,10 +100,43 @@ def floor_run(folder: Path, series: list[list[Path]]) -> float:
     return time.perf_counter() - start
 
 
+def _cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by process ``root`` and its descendants still running (Linux /proc)."""
+    processes: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks = int(fields[11]) + int(fields[12])  # utime + stime
+                processes[int(entry.name)] = (int(fields[1]), ticks / os.sysconf("SC_CLK_TCK"))
+    family, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, (parent, _) in processes.items():
+            if parent in family and pid not in family:
+                family.add(pid)
+                grew = True
+    return sum(processes[pid][1] for pid in family if pid in processes)
+
+
+def wait_idle(pid: int, timeout: float = 60) -> None:
+    """Until the node's processes are idle: its workers load their models when it starts, which would
+    otherwise compete with the receive for the cores and be counted against it."""
+    deadline, last = time.monotonic() + timeout, _cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _cpu_seconds(pid)
+        if now - last < 0.05:
+            return
+        last = now
+
+
 def node_run(folder: Path, series: list[list[Path]], receivers: int) -> float:
     settings = {"study": {"stable_seconds": 600}, "node": {"receivers": receivers} if receivers > 1 else {}}
     node = NodeProcess(folder / f"node-{time.monotonic_ns()}", settings).start()
     try:
+        assert node.process is not None
+        wait_idle(node.process.pid)
         return send_timed(node.dicom_port, series, "AINODE")
     finally:
         node.stop()

@@ -59,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dicom_load=node.receiver.load,
             complete_study=node.indexer.complete_study,
             ingest=node.ingest,
+            job_ended=node.job_ended,
         )
         uvicorn.run(
             app,

@@ -82,7 +82,7 @@ class NodeSettings(_Section):
     unknown_sop_classes: Literal["accept", "refuse"] = "accept"  # storage SOP classes pynetdicom lacks
     network_timeout: float = Field(60.0, gt=0)
     workers: int = Field(1, ge=1)  # local job slots, each its own process
-    torch_threads: int = Field(0, ge=0)  # 0: one per core shared by the workers
+    torch_threads: int = Field(0, ge=0)  # 0: the cores but one, shared by the workers
     plugins: list[str] = []  # modules imported at start that register output writers or executors
 
     @property
@@ -121,6 +121,10 @@ class DistributedSettings(_Section):
     shared_spool: bool = False
     max_in_flight: int = Field(64, ge=1)  # jobs handed to the broker and not yet ended, at most
     heartbeat_seconds: float = Field(10.0, gt=0)  # how often a worker says it is alive
+    # Workers may take one attempt of a job this many times: each time more was a worker that died
+    # running it (the broker delivers the message again). Past it the attempt fails as "crashed" and is
+    # retried under max_attempts, like a job that crashes a process of the local pool.
+    max_deliveries: int = Field(3, ge=1)
     worker_name: str = ""  # empty: ainode@<host name>
     # Devices a worker serves: "cpu", "gpu"; empty: cpu, and gpu where torch sees CUDA. A job is sent to
     # the model's ".gpu" queue when prefer_gpu and a live worker serves it there.

@@ -191,6 +191,9 @@ class Job(Base):
     # The worker running or last running it: "" for the local pool; a distributed worker's name
     # (node.jobs.distributed) as it took the attempt.
     worker: Mapped[str] = mapped_column(String(128), default="")
+    # How many times workers took the running attempt (node.jobs.distributed): a message delivered
+    # again and again is one that kills every worker it reaches. 0 for the local pool.
+    deliveries: Mapped[int] = mapped_column(default=0)
     series: Mapped[Series] = relationship(back_populates="jobs")
     inputs: Mapped[list[Series]] = relationship(secondary=job_series, order_by="Series.id")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")

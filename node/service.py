@@ -43,7 +43,7 @@ class Node:
         self.db: Database = open_database(settings.node.resolved_database_url)
         audit.configure(self.db, settings)  # the chain's key, and the copy sent to syslog
         self.store = JobStore(self.db, settings.jobs)
-        self.executor = create_executor(ExecutorContext(settings, self.store, self.spool, self._job_ended))
+        self.executor = create_executor(ExecutorContext(settings, self.store, self.spool, self.job_ended))
         self.sender = Sender(settings, self.db)
         self.retention = Retention(settings.retention, self.db, self.spool)
         self.indexer = Indexer(self.db, settings.study, on_ready=lambda: self._wake("route"))
@@ -73,7 +73,9 @@ class Node:
         if watch(self.store, self.executor):
             self._wake("dispatch")
 
-    def _job_ended(self) -> None:
+    def job_ended(self) -> None:
+        """A job's outcome was recorded (by the executor, or by a distributed worker through the HTTP
+        app's internal endpoints): dispatch the next job and send the results now."""
         self._wake("dispatch")
         self._wake("send")
 
@@ -104,7 +106,10 @@ class Node:
     def start(self) -> None:
         remove_leftovers(self.spool)
         reconciled = self.reconciler.at_start()
-        requeued = self.store.requeue_interrupted()
+        # Jobs the last run left running: the local pool's died with it; a distributed executor's run
+        # on at the broker and its workers, and the watchdog catches the one nobody runs any more.
+        outlive = getattr(self.executor, "jobs_outlive_the_node", False)
+        requeued = 0 if outlive else self.store.requeue_interrupted()
         audit.append(
             self.db,
             "node.started",

@@ -1,289 +1,88 @@
 """Distributed workers (issue 14): the node (``ainode serve``, executor ``celery``, PostgreSQL) hands
-jobs through RabbitMQ to ``ainode worker`` processes, which fetch the files over the node's internal
+jobs through a broker to ``ainode worker`` processes, which fetch the files over the node's internal
 endpoints and return the results the same way.
 
-Needs RabbitMQ at 127.0.0.1:5672 with ``rabbitmqctl`` (each test gets its own virtual host), the
-PostgreSQL of the other tests, dcmtk's storescu; the network namespace test needs root (``ip netns``).
+Needs RabbitMQ at 127.0.0.1:5672 with ``rabbitmqctl`` (each test gets its own virtual host), Redis at
+127.0.0.1:6379 for the tests run on either broker (a database of the test's own), the PostgreSQL of the
+other tests, dcmtk's storescu; the network namespace test needs root (``ip netns``). The failure tests
+print what became of their jobs (``-s``): submitted, completed once, lost.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
-import numpy as np
 import pytest
-import tomli_w
 from sqlalchemy import select
 
 from node.config import Settings
-from node.db import AuditEvent, Database, Job, JobStatus, Send, SendStatus, Worker, open_database, utcnow
+from node.db import Database, Job, JobStatus, Send, SendStatus, Worker
 from node.jobs import JobFailed, JobStore
 from node.jobs.distributed import output_from_json, output_to_json, safe_name, spec_from_json, spec_to_json
 from node.jobs.run import JobOutput, WrittenResult
 from node.runtime.identity import ModelIdentity
 from node.spool import Spool
 from node.web.app import create_app
+from tests.cluster import (
+    RABBITMQ,
+    REDIS,
+    SECRET,
+    Broker,
+    Cluster,
+    Relay,
+    _open,
+    only,
+    rabbitmq_vhost,
+    rabbitmqctl,
+    redis_database,
+)
 from tests.conftest import postgres_database
-from tests.peers import REPO, NodeProcess, OrthancServer, storescu, wait_for
+from tests.peers import OrthancServer, wait_for
 from tests.test_jobs import job, queued_job
-from training.chest_phantom import NORMAL, chest_dicom, sample
 
 pytestmark = pytest.mark.distributed
-
-SECRET = "a-test-worker-secret"
-PLUGIN = "tests.slow_output"
-
-
-def _open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    run = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, f"rabbitmqctl {' '.join(args)}: {run.stdout}{run.stderr}"
-    return run
 
 
 @pytest.fixture
 def vhost() -> Iterator[str]:
     """A RabbitMQ virtual host of the test's own: queues left by another test cannot reach it."""
     pytest.importorskip("celery")
-    if shutil.which("rabbitmqctl") is None or not _open("127.0.0.1", 5672):
+    if shutil.which("rabbitmqctl") is None or not _open(*RABBITMQ):
         pytest.skip("needs RabbitMQ at 127.0.0.1:5672 and rabbitmqctl")
-    name = f"ainode-test-{uuid.uuid4().hex[:10]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=120)
+    with rabbitmq_vhost() as broker:
+        yield broker.where
+
+
+# A killed worker's message comes back from Redis after this long: longer than the time from its
+# delivery to the kill, and than a whole job (else Redis would hand a running job to a second worker).
+REDIS_VISIBILITY_SECONDS = 30.0
+
+
+@pytest.fixture(params=["rabbitmq", "redis"])
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """Each broker the node supports, a virtual host or database of the test's own."""
+    if request.param == "rabbitmq":
+        yield Broker("rabbitmq", request.getfixturevalue("vhost"))
+        return
+    pytest.importorskip("celery")
+    pytest.importorskip("redis")
+    if not _open(*REDIS):
+        pytest.skip("needs Redis at 127.0.0.1:6379")
+    with redis_database(REDIS_VISIBILITY_SECONDS) as database:
+        yield database
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     with postgres_database() as url:
         yield url
-
-
-class Relay:
-    """A TCP relay from ``listen`` to ``target``: how a worker in another network namespace reaches
-    services that listen on 127.0.0.1 only (the broker, the node)."""
-
-    def __init__(self, listen_host: str, target: tuple[str, int]) -> None:
-        self.target = target
-        self.server = socket.create_server((listen_host, 0))
-        self.port = self.server.getsockname()[1]
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._closed = True
-        self.server.close()
-
-
-class Cluster:
-    """A node and its workers, each its own process, as ``ainode serve`` and ``ainode worker``."""
-
-    def __init__(
-        self, folder: Path, vhost: str, database_url: str, pacs: OrthancServer | None = None
-    ) -> None:
-        self.folder = folder
-        self.vhost = vhost
-        self.database_url = database_url
-        settings: dict[str, Any] = {
-            "node": {"database_url": database_url, "plugins": [PLUGIN]},
-            "study": {"stable_seconds": 0},
-            "jobs": {"executor": "celery", "distributed": self.distributed()},
-            "routes": [
-                {
-                    "name": "chest",
-                    "match": {"Modality": "DX", "BodyPartExamined": "CHEST"},
-                    "handler": "chest_xray",
-                    "model": "chest-xray",
-                    "outputs": ["sc", "sr", "nap"],
-                    "destinations": ["pacs"] if pacs else [],
-                }
-            ],
-        }
-        if pacs is not None:
-            settings["destinations"] = [
-                {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
-            ]
-            settings["send"] = {"first_delay_seconds": 0.5, "backoff_factor": 1.5, "max_delay_seconds": 2}
-        self.node = NodeProcess(folder / "node", settings)
-        self.db: Database | None = None
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
-        self.sent = 0
-
-    def distributed(self, broker: str = "127.0.0.1:5672", node_url: str = "") -> dict[str, Any]:
-        return {
-            "broker_url": f"amqp://guest:guest@{broker}/{quote(self.vhost, safe='')}",
-            "secret": SECRET,
-            "node_url": node_url,
-            "heartbeat_seconds": 1.0,
-        }
-
-    def start(self) -> Cluster:
-        self.node.start()
-        self.db = open_database(self.database_url)
-        return self
-
-    def worker(
-        self,
-        name: str,
-        models_dir: Path = REPO / "models",
-        netns: str | None = None,
-        broker: str = "127.0.0.1:5672",
-        node_url: str = "",
-        nap: float = 0.0,
-        wait: bool = True,
-        torch_threads: int = 2,
-    ) -> subprocess.Popen[bytes]:
-        """Start ``ainode worker`` with a data folder of its own; wait until the node hears from it."""
-        folder = self.folder / name
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "node": {
-                "data_dir": str(folder / "var"),
-                "models_dir": str(models_dir),
-                "workers": 1,
-                "torch_threads": torch_threads,
-                "plugins": [PLUGIN],
-            },
-            "jobs": {"distributed": self.distributed(broker, node_url or self.node.url)},
-        }
-        path = folder / "worker.toml"
-        path.write_bytes(tomli_w.dumps(config).encode())
-        command = [sys.executable, "-m", "node.cli", "worker", "--config", str(path), "--name", name]
-        if netns:
-            command = ["ip", "netns", "exec", netns, *command]
-        log = open(folder / "worker.log", "ab")  # noqa: SIM115 - kept open for the process
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=log,
-            cwd=REPO,
-            start_new_session=True,  # its own process group: killed whole, as a host going away
-            env={**os.environ, "TEST_NAP_SECONDS": str(nap)},
-        )
-        self.workers[name] = process
-        if wait:
-            wait_for(lambda: self._alive(name), 180, f"worker {name} to say it is up")
-        return process
-
-    def _alive(self, name: str) -> bool:
-        process = self.workers[name]
-        if process.poll() is not None:
-            raise RuntimeError(f"worker {name} exited with {process.returncode}:\n{self.log(name)[-3000:]}")
-        assert self.db is not None
-        with self.db.session() as session:
-            worker = session.scalar(select(Worker).where(Worker.name == name))
-            return worker is not None and (utcnow() - worker.last_seen_at).total_seconds() < 5
-
-    def log(self, name: str) -> str:
-        return (self.folder / name / "worker.log").read_text(errors="replace")
-
-    def kill(self, name: str) -> None:
-        """SIGKILL the worker and its processes, as a host that goes away."""
-        process = self.workers.pop(name)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-    def send(self, count: int) -> list[str]:
-        """``count`` chest radiographs, each its own study, sent to the node over DICOM."""
-        files, studies = [], []
-        for _ in range(count):
-            self.sent += 1
-            ds = chest_dicom(sample(np.random.default_rng(self.sent), 400, NORMAL), f"dist{self.sent}")
-            path = self.folder / "studies" / f"{self.sent}.dcm"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(path, enforce_file_format=True)
-            files.append(path)
-            studies.append(str(ds.StudyInstanceUID))
-        run = storescu(self.node.dicom_port, files)
-        assert run.returncode == 0, run.stderr
-        return studies
-
-    def jobs(self) -> list[Job]:
-        assert self.db is not None
-        with self.db.session() as session:
-            return list(session.scalars(select(Job).order_by(Job.id)))
-
-    def wait_done(self, count: int, timeout: float = 300) -> list[Job]:
-        def done() -> list[Job] | None:
-            jobs = self.jobs()
-            failed = [job for job in jobs if job.status == JobStatus.FAILED]
-            assert not failed, [(job.id, job.error) for job in failed]
-            finished = [job for job in jobs if job.status == JobStatus.DONE]
-            return jobs if len(finished) >= count else None
-
-        return wait_for(done, timeout, f"{count} jobs done", interval=0.5)  # type: ignore[no-any-return]
-
-    def finished_events(self) -> dict[int, int]:
-        """How many times each job was recorded as finished: once, whatever happened."""
-        assert self.db is not None
-        with self.db.session() as session:
-            events = session.scalars(select(AuditEvent).where(AuditEvent.action == "job.finished")).all()
-        counts: dict[int, int] = {}
-        for event in events:
-            counts[int(event.detail["job"])] = counts.get(int(event.detail["job"]), 0) + 1
-        return counts
-
-    def stop(self) -> None:
-        for name in list(self.workers):
-            process = self.workers.pop(name)
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-        self.node.stop()
-        if self.db is not None:
-            self.db.dispose()
 
 
 @pytest.fixture
@@ -293,23 +92,15 @@ def cluster(tmp_path: Path, vhost: str, pg_url: str) -> Iterator[Cluster]:
     made.stop()
 
 
-def only(models: list[str], folder: Path) -> Path:
-    """A models folder holding only ``models`` (links to the bundled packages)."""
-    folder.mkdir(parents=True)
-    for name in models:
-        (folder / name).symlink_to(REPO / "models" / name, target_is_directory=True)
-    return folder
-
-
 @pytest.mark.slow
 def test_a_study_goes_to_the_worker_with_the_model_and_its_results_are_sent(
-    tmp_path: Path, vhost: str, pg_url: str
+    tmp_path: Path, broker: Broker, pg_url: str
 ) -> None:
     """The vertical slice: node → broker → the worker that has the model fetches the files over HTTP,
     runs the job, uploads the results → the node records them and sends them to the PACS. A worker
     without the model is running all the while and never receives a job."""
     pacs = OrthancServer(tmp_path / "orthanc").start()
-    cluster = Cluster(tmp_path / "cluster", vhost, pg_url, pacs=pacs)
+    cluster = Cluster(tmp_path / "cluster", broker, pg_url, pacs=pacs)
     try:
         cluster.start()
         cluster.worker("has-model")
@@ -320,6 +111,9 @@ def test_a_study_goes_to_the_worker_with_the_model_and_its_results_are_sent(
         assert all(job.attempts == 1 for job in jobs)
         assert set(cluster.finished_events().values()) == {1}
         assert "Task ainode.run_job[" not in cluster.log("no-model")  # never received one
+        counts = cluster.counts()
+        print(f"\n{broker.kind}, a worker without the model: {counts}")
+        assert (counts.completed_once, counts.lost) == (4, 0)
 
         def all_sent() -> bool:
             assert cluster.db is not None
@@ -342,24 +136,37 @@ def test_a_study_goes_to_the_worker_with_the_model_and_its_results_are_sent(
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_job_the_job_completes_once_elsewhere(cluster: Cluster) -> None:
-    cluster.start()
-    cluster.worker("first", nap=8)
-    studies = cluster.send(1)
-    assert studies
+def test_a_worker_killed_mid_job_the_job_completes_once_elsewhere(
+    tmp_path: Path, broker: Broker, pg_url: str
+) -> None:
+    """RabbitMQ delivers the message again as soon as the killed worker's connection drops; Redis once
+    it has gone unacknowledged for ``visibility_seconds``. Either way the same attempt runs again."""
+    cluster = Cluster(tmp_path, broker, pg_url)
+    try:
+        cluster.start()
+        cluster.worker("first", nap=20)
+        studies = cluster.send(1)
+        assert studies
 
-    def taken() -> Job | None:
-        jobs = cluster.jobs()
-        return jobs[0] if jobs and jobs[0].worker == "first" else None
+        def taken() -> Job | None:
+            jobs = cluster.jobs()
+            return jobs[0] if jobs and jobs[0].worker == "first" else None
 
-    job = wait_for(taken, 120, "the first worker to take the job")
-    cluster.worker("second", nap=0)  # started now: the first worker surely took the job
-    time.sleep(2)  # halfway through its nap
-    cluster.kill("first")
-    (done,) = cluster.wait_done(1, timeout=240)
-    assert done.id == job.id and done.worker == "second"
-    assert done.attempts == 1  # delivered again by the broker: the same attempt, not a retry
-    assert cluster.finished_events() == {job.id: 1}
+        job = wait_for(taken, 120, "the first worker to take the job")
+        cluster.worker("second", nap=0)  # started now: the first worker surely took the job
+        time.sleep(2)  # within its nap
+        assert cluster.jobs()[0].status == JobStatus.RUNNING and cluster.jobs()[0].worker == "first"
+        cluster.kill("first")
+        killed = time.monotonic()
+        (done,) = cluster.wait_done(1, timeout=240)
+        assert done.id == job.id and done.worker == "second"
+        assert done.attempts == 1  # delivered again by the broker: the same attempt, not a retry
+        assert cluster.finished_events() == {job.id: 1}
+        counts = cluster.counts()
+        print(f"\n{broker.kind}, kill -9 mid-job: {counts}; done {time.monotonic() - killed:.0f} s after")
+        assert (counts.completed_once, counts.lost) == (1, 0)
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.slow
@@ -376,7 +183,7 @@ def test_queued_jobs_survive_a_broker_restart(cluster: Cluster) -> None:
     )
     rabbitmqctl("stop_app")
     try:
-        assert not _open("127.0.0.1", 5672)
+        assert not _open(*RABBITMQ)
     finally:
         rabbitmqctl("start_app")
         rabbitmqctl("await_startup")
@@ -384,6 +191,9 @@ def test_queued_jobs_survive_a_broker_restart(cluster: Cluster) -> None:
     jobs = cluster.wait_done(3)
     assert {job.worker for job in jobs} == {"after-restart"}
     assert set(cluster.finished_events().values()) == {1}
+    counts = cluster.counts()
+    print(f"\nrabbitmq, broker restarted mid-queue: {counts}")
+    assert (counts.completed_once, counts.lost) == (3, 0)
 
 
 @pytest.fixture
@@ -423,7 +233,7 @@ def test_a_worker_in_its_own_network_namespace(cluster: Cluster, netns: tuple[st
     name, address = netns
     cluster.start()
     node_port = int(cluster.node.url.rsplit(":", 1)[1])
-    broker, node = Relay(address, ("127.0.0.1", 5672)), Relay(address, ("127.0.0.1", node_port))
+    broker, node = Relay(address, RABBITMQ), Relay(address, ("127.0.0.1", node_port))
     try:
         cannot = subprocess.run(
             [

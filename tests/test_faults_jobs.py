@@ -276,8 +276,8 @@ def test_a_slot_recording_results_while_the_watchdog_fails_the_job_leaves_one_ou
     running = store_module._running
     slot = threading.Thread(target=jobs.finish, args=(job_id, results))
 
-    def watchdog_decides_as_the_slot_records(session: Session, found: int) -> Job | None:
-        decided = running(session, found)
+    def watchdog_decides_as_the_slot_records(session: Session, found: int, attempt: int | None) -> Job | None:
+        decided = running(session, found, attempt)
         if slot.ident is None:  # the watchdog's call (the first): the slot records now
             slot.start()
             slot.join(timeout=3)  # it waits for the row where the row is locked

@@ -250,6 +250,24 @@ def test_detail_shows_what_happened_and_why(node: Node) -> None:
     assert viewed[-1] == ("user:viewer", uid, "overlay image")
 
 
+def test_detail_names_the_distributed_worker_that_ran_a_job(node: Node) -> None:
+    viewer = logged_in(node.db, node.spool, "viewer", node.settings)
+    uid = study_uid(node.db, "ACC-KR-1")
+    assert "/workers#worker-" not in viewer.get(f"/studies/{uid}").text  # the local pool names none
+    with node.db.session() as session:
+        job = session.scalars(select(Job)).one()
+        job.worker = "gpu-host-1"
+        session.commit()
+    try:
+        page = viewer.get(f"/studies/{uid}").text
+        assert '<a href="/workers#worker-gpu-host-1">gpu-host-1</a>' in page
+        assert "Worker gpu-host-1" in text(page)
+    finally:
+        with node.db.session() as session:
+            session.scalars(select(Job)).one().worker = ""
+            session.commit()
+
+
 def test_detail_says_why_no_route_matched(node: Node) -> None:
     viewer = logged_in(node.db, node.spool, "viewer", node.settings)
     shown = text(viewer.get(f"/studies/{study_uid(node.db, 'ACC-JP-2')}").text)

@@ -11,8 +11,10 @@ other goes to pydicom's writer, with its validation and its errors.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 from pydicom.dataset import FileMetaDataset
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import encode_file_meta
 
 PREAMBLE = b"\x00" * 128 + b"DICM"  # what a Part 10 file begins with, before its meta information
@@ -30,6 +32,34 @@ def encode(meta: FileMetaDataset) -> bytes:
     if encoded is None:
         return encode_file_meta(meta)
     meta.FileMetaInformationGroupLength = len(encoded)
+    return _with_group_length(encoded)
+
+
+def received(sop_class: str, sop_instance: str, syntax: str, titles: tuple[str, str, str]) -> bytes | None:
+    """What :func:`encode` makes of the meta information pynetdicom builds for a received C-STORE
+    (``pynetdicom.dsutils.create_file_meta``) with the AE titles added (source, sending, receiving), built
+    without a pydicom dataset, which costs more than the encoding (the listener's fast path, node.dicom.
+    store_fast_path, writes it for every instance); None where pydicom's writer must decide."""
+    if not (sop_class and sop_instance and syntax):
+        return None
+    source, sending, receiving = titles
+    encoded = _encoded_elements(
+        [
+            (0x00020001, "OB", b"\x00\x01"),
+            (0x00020002, "UI", sop_class),
+            (0x00020003, "UI", sop_instance),
+            (0x00020010, "UI", syntax),
+            (0x00020012, "UI", PYNETDICOM_IMPLEMENTATION_UID),
+            (0x00020013, "SH", PYNETDICOM_IMPLEMENTATION_VERSION),
+            (0x00020016, "AE", source),
+            (0x00020017, "AE", sending),
+            (0x00020018, "AE", receiving),
+        ]
+    )
+    return None if encoded is None else _with_group_length(encoded)
+
+
+def _with_group_length(encoded: bytes) -> bytes:
     return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(encoded)) + encoded
 
 
@@ -37,11 +67,15 @@ def _encoded_plainly(meta: FileMetaDataset) -> bytes | None:
     """The elements after the group length, or None where pydicom's writer must decide."""
     if _VERSION_NAME not in meta or any(tag not in meta or meta[tag].is_empty for tag in _REQUIRED):
         return None
+    return _encoded_elements(
+        (int(element.tag), element.VR, element.value) for element in meta if int(element.tag) != _GROUP_LENGTH
+    )
+
+
+def _encoded_elements(elements: Iterable[tuple[int, str, object]]) -> bytes | None:
+    """(tag, VR, value) elements of group 0002 encoded, or None where pydicom's writer must decide."""
     parts = []
-    for element in meta:
-        tag, vr, value = int(element.tag), element.VR, element.value
-        if tag == _GROUP_LENGTH:
-            continue
+    for tag, vr, value in elements:
         if tag >> 16 != 0x0002 or vr not in _PADDING:
             return None
         if isinstance(value, str) and vr != "OB" and value.isascii():

@@ -13,6 +13,7 @@ import os
 import queue
 import select
 import socket
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -36,6 +37,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from node.config import Destination, NodeSettings, Settings
 from node.dicom import filemeta
 from node.dicom.limits import GuardedAE, ListenerGuard
+from node.dicom.store_fast_path import StoreFastPath, received_titles
 from node.dicom.tls import tls_args
 
 # What the listener accepts: uncompressed in every byte order, deflated, and the compressed syntaxes
@@ -135,9 +137,10 @@ def _write_received_meta(fp: DicomIO, file_meta: FileMetaDataset, enforce_standa
     meta is written as it is, and accept refuses it (0xC000) and audits it like any other."""
     assoc = getattr(_receiving, "assoc", None)
     if assoc is not None:
-        file_meta.SourceApplicationEntityTitle = assoc.acceptor.ae_title.strip()  # who wrote the file
-        file_meta.SendingApplicationEntityTitle = assoc.requestor.ae_title.strip()
-        file_meta.ReceivingApplicationEntityTitle = assoc.acceptor.ae_title.strip()
+        source, sending, receiving = received_titles(assoc)
+        file_meta.SourceApplicationEntityTitle = source
+        file_meta.SendingApplicationEntityTitle = sending
+        file_meta.ReceivingApplicationEntityTitle = receiving
     try:
         encoded = filemeta.encode(file_meta)
     except Exception:  # what the standard requires is missing or invalid: written as it is
@@ -202,10 +205,12 @@ class _RingingQueue(queue.Queue[Any]):
 
 
 class PromptDUL(DULServiceProvider):
-    """pynetdicom's DUL reactor, waiting in select() instead of sleeping (see above)."""
+    """pynetdicom's DUL reactor, waiting in select() instead of sleeping (see above); each PDU read
+    goes to the association's C-STORE fast path where it has one (:func:`take_stores_directly`)."""
 
     def __init__(self, assoc: Association, stir: Callable[[], None]) -> None:
         super().__init__(assoc)
+        self.fast: StoreFastPath | None = None
         self._bell = _Doorbell()
         self._stir = stir  # wakes the association thread
         self.event_queue = _RingingQueue(self._bell.ring)
@@ -228,10 +233,11 @@ class PromptDUL(DULServiceProvider):
                 self.assoc._dul_ready.set()
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
+            read = False
             try:  # encode and send a primitive, or receive and decode a PDU
                 if self._process_recv_primitive():
                     pass
-                elif self._is_transport_event():
+                elif read := self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:  # as pynetdicom: an A-ABORT bypassing the state machine
                 _dul_log.error("Exception in DUL.run(), aborting association: %s", type(exc).__name__)
@@ -243,10 +249,56 @@ class PromptDUL(DULServiceProvider):
                 return
             try:
                 event = self.event_queue.get(block=False)
-            except queue.Empty:
-                self._wait()
+            except queue.Empty:  # a PDU the fast path took queues nothing: the next may be buffered (TLS)
+                if not read:
+                    self._wait()
                 continue
             self.state_machine.do_action(event)  # what it gives the association thread stirs it
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's read of one PDU, whole, with its outcomes (Evt17 for a connection that ended,
+        Evt19 for an unknown PDU type); the PDU then goes to the fast path, if any, else to
+        :meth:`deliver` as in pynetdicom."""
+        socket_ = cast(Any, self.socket)
+        try:
+            header = socket_.recv(6)
+            pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        except (OSError, TimeoutError, struct.error) as exc:
+            if not isinstance(exc, struct.error):
+                _dul_log.error("Connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            _dul_log.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = socket_.recv(pdu_length)
+        except (OSError, TimeoutError):
+            _dul_log.error("Connection closed before the entire PDU was received")
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            _dul_log.error(
+                f"The received PDU is shorter than expected ({6 + len(body)} of {6 + pdu_length} bytes)"
+            )
+            self.event_queue.put("Evt17")
+            return
+        if self.fast is None:
+            self.deliver(header + body)
+        else:
+            self.fast.take(header, body)
+
+    def deliver(self, pdu: bytes | bytearray) -> None:
+        """A whole PDU to pynetdicom: decoded, its event queued for the state machine (or Evt19)."""
+        try:
+            decoded, event = self._decode_pdu(bytearray(pdu))
+            self.event_queue.put(event)
+        except Exception:
+            _dul_log.error("Unable to decode the received PDU data")
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(decoded)
 
     def _wait(self) -> None:
         """Until the socket has data, a primitive or event is queued, or :data:`_IDLE_WAKE` passes. A
@@ -395,10 +447,22 @@ def associate(
     )
 
 
+def take_stores_directly(assoc: Any, on_broken: Callable[[Any, Exception], None]) -> None:
+    """EVT_CONN_OPEN of a listener's association: its C-STOREs are taken by the fast path
+    (node.dicom.store_fast_path) in its DUL thread; one it cannot go on with ends as in
+    :func:`contain_failures`."""
+    dul = assoc.dul
+    if isinstance(dul, PromptDUL):
+        dul.fast = StoreFastPath(dul, lambda exc: _abort_broken(assoc, exc, on_broken))
+
+
 def discard_partial_data_set(assoc: Any) -> None:
     """Delete the file of a C-STORE data set the connection ended in the middle of (aborted, dropped,
     cut by a deadline). Never acknowledged; pynetdicom deletes only the files of whole requests, so a
     sender that streams and aborts again and again would fill the disk."""
+    fast = getattr(getattr(assoc, "dul", None), "fast", None)
+    if fast is not None:
+        fast.discard()
     message = getattr(getattr(assoc, "dimse", None), "message", None)
     partial = getattr(message, "_data_set_file", None)
     if partial is not None:

@@ -34,6 +34,7 @@ from node.dicom.network import (
     discard_partial_data_set,
     listening_ae,
     receive_to_disk,
+    take_stores_directly,
 )
 from node.dicom.tls import listener_handlers, server_context
 from node.ingest.accept import OUT_OF_RESOURCES, Ingest, Origin, Refused
@@ -128,6 +129,7 @@ class Receiver:
             evt_handlers=[
                 (evt.EVT_CONN_OPEN, self.guard.adopt),  # first: counts the connection's threads
                 (evt.EVT_CONN_OPEN, lambda event: contain_failures(event.assoc, self._on_broken)),
+                (evt.EVT_CONN_OPEN, lambda event: take_stores_directly(event.assoc, self._on_broken)),
                 (evt.EVT_REQUESTED, self.guard.requested),  # first: ends a connection aborted in set-up
                 *first_handlers,
                 *SOCKET_HANDLERS,

@@ -7,9 +7,11 @@ the claimed files over the node's internal HTTP endpoints (:mod:`node.web.intern
 from a shared spool, and returns results the same way; the node records them through the store and the
 outbox exactly as the local pool does.
 
-Routing: one durable queue per model package (``ainode.model.<name>``, ``…@<version>`` for a route that
-pins one, ``….gpu`` for GPU workers); a worker consumes only the queues of the packages it has, so a
-worker without the model never receives the job.
+Routing: one durable queue per set of model packages a job needs (``ainode.model.<name>``, ``…@<version>``
+for a route that pins one, ``…+<companion>`` for each companion model of the route, ``….gpu`` for GPU
+workers); a worker consumes only the queues of the sets it holds whole (it asks the node which sets its
+routes need: :func:`needs`), so a worker without the model, or without a companion, never receives the
+job.
 
 Failure semantics: a message is acknowledged only after the worker has recorded the outcome with the
 node (``acks_late``), and given back when the worker's process dies (``task_reject_on_worker_lost``);
@@ -25,14 +27,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
-from node.config import DistributedSettings, OutputSpec
+from node.config import DistributedSettings, OutputSpec, Route
 from node.db import Database, Job, JobStatus, Worker, utcnow
 from node.jobs.executor import ExecutorContext, register_executor
 from node.jobs.run import JobOutput, JobSpec, WrittenResult
@@ -47,9 +50,37 @@ QUEUE_PREFIX = "ainode.model."
 ALIVE_HEARTBEATS = 3  # a worker silent for this many heartbeats is taken for gone
 
 
-def queue_name(model: str, version: str | None = None, gpu: bool = False) -> str:
-    """The queue of jobs for ``model`` (pinned to ``version`` if given), on a GPU if ``gpu``."""
-    return f"{QUEUE_PREFIX}{model}{f'@{version}' if version else ''}{'.gpu' if gpu else ''}"
+def queue_name(
+    model: str, version: str | None = None, gpu: bool = False, companions: Iterable[str] = ()
+) -> str:
+    """The queue of jobs for ``model`` (pinned to ``version`` if given) that also need the model
+    packages ``companions``, on a GPU if ``gpu``."""
+    pinned = f"@{version}" if version else ""
+    also = "".join(f"+{name}" for name in sorted(set(companions) - {model}))
+    return f"{QUEUE_PREFIX}{model}{pinned}{also}{'.gpu' if gpu else ''}"
+
+
+@dataclass(frozen=True)
+class Need:
+    """The model packages a route's jobs run on: what a worker must hold whole to receive them."""
+
+    model: str
+    version: str | None
+    companions: tuple[str, ...]  # sorted, without the main model
+
+    def queue(self, gpu: bool = False) -> str:
+        return queue_name(self.model, self.version, gpu, self.companions)
+
+
+def needs(routes: Iterable[Route]) -> list[Need]:
+    """The package sets of the node's routes that have companion models (a job without one goes to
+    its model's own queue, which every worker holding the model consumes), each once."""
+    found = {
+        Need(route.model, route.model_version, tuple(sorted(set(route.models.values()) - {route.model})))
+        for route in routes
+        if set(route.models.values()) - {route.model}
+    }
+    return sorted(found, key=lambda need: need.queue())
 
 
 def task_id(job_id: int, attempt: int) -> str:
@@ -67,6 +98,10 @@ def celery_app(settings: DistributedSettings, name: str) -> Any:
         # Redis has no connection-bound acknowledgement: a message unacknowledged this long is
         # delivered again, so it must be longer than the longest job.
         transport["visibility_timeout"] = settings.visibility_seconds
+        # kombu looks for such messages only every interval x throttle (10 x 10 s by default): look
+        # every few seconds instead, so a killed worker's message comes back within visibility + 10 s.
+        transport["unacked_restore_throttle"] = 1
+        transport["unacked_restore_interval"] = max(1, min(10, int(settings.visibility_seconds / 3)))
     else:
         transport["confirm_publish"] = True  # submit returns once the broker has the message
     app.conf.update(
@@ -201,8 +236,12 @@ def live_workers(db: Database, settings: DistributedSettings) -> list[Worker]:
 
 @register_executor("celery")
 class CeleryExecutor:
-    """Hands claimed jobs to the broker, into the queue of their model; workers record outcomes through
-    the node's internal endpoints. Holds no job in memory: what runs is what the database says."""
+    """Hands claimed jobs to the broker, into the queue of their model packages; workers record
+    outcomes through the node's internal endpoints. Holds no job in memory: what runs is what the
+    database says — and the broker keeps the messages, so jobs running when the node stops run on
+    (``jobs_outlive_the_node``): a restarted node does not queue them again."""
+
+    jobs_outlive_the_node = True
 
     def __init__(self, context: ExecutorContext) -> None:
         self.context = context
@@ -223,14 +262,14 @@ class CeleryExecutor:
         return max(0, self.settings.max_in_flight - int(running))
 
     def queue_for(self, spec: JobSpec) -> str:
-        """The model's GPU queue where a live GPU worker serves the model, else its CPU queue."""
+        """The job's GPU queue where a live GPU worker serves it, else its CPU queue."""
+        companions = spec.companions.values()
+        gpu = queue_name(spec.model, spec.model_version, True, companions)
         if self.settings.prefer_gpu:
             for worker in live_workers(self.context.store.db, self.settings):
-                if "gpu" in worker.devices and queue_name(spec.model, spec.model_version, gpu=True) in (
-                    worker.queues
-                ):
-                    return queue_name(spec.model, spec.model_version, gpu=True)
-        return queue_name(spec.model, spec.model_version)
+                if "gpu" in worker.devices and gpu in worker.queues:
+                    return gpu
+        return queue_name(spec.model, spec.model_version, False, companions)
 
     def submit(self, claim: Claim) -> None:
         self.start()

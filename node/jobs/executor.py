@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
+    """Runs claimed jobs. An executor whose jobs run on when the node stops (a broker keeps them, its
+    workers are elsewhere) says so with a class attribute ``jobs_outlive_the_node = True``: a node that
+    starts again then leaves the jobs its last run left running alone instead of queueing them again.
+    Without it, they are queued again (the local pool's processes died with the node)."""
+
     def start(self) -> None: ...
 
     def capacity(self) -> int:

@@ -95,7 +95,14 @@ class JobStore:
             claimed = session.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-                .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, started_at=utcnow(), error="")
+                .values(
+                    status=JobStatus.RUNNING,
+                    attempts=Job.attempts + 1,
+                    started_at=utcnow(),
+                    error="",
+                    worker="",  # nobody has taken this attempt yet
+                    deliveries=0,
+                )
             )
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 return None  # another dispatcher took it
@@ -114,29 +121,41 @@ class JobStore:
             return claimed_job
 
     def take(self, job_id: int, attempt: int, worker: str) -> Claim | None:
-        """A distributed worker takes attempt ``attempt`` of a job: record its name on the job, and
-        return the job as claimed (the spec and files are the database's, whatever the message said).
-        None when the job is no longer running that attempt (a message delivered again after the
-        attempt ended, or one the watchdog gave up on): drop it."""
+        """A distributed worker takes attempt ``attempt`` of a job: record its name on the job, count
+        the delivery, and return the job as claimed (the spec and files are the database's, whatever
+        the message said). None when the job is no longer running that attempt (a message delivered
+        again after the attempt ended, or one the watchdog gave up on): drop it.
+
+        None too when workers took this attempt ``max_deliveries`` times already: the broker delivers a
+        message again when the worker running it dies, so a job that kills its worker would come back
+        forever. The attempt fails as ``crashed`` then, retried or not as a job that crashes a process
+        of the local pool — whatever the broker can count."""
+        limit = self.settings.distributed.max_deliveries
         with self.db.session() as session:
+            current = (Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
             taken = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
-                .values(worker=worker[:128])
+                .where(*current, Job.deliveries < limit)
+                .values(worker=worker[:128], deliveries=Job.deliveries + 1)
             )
-            if taken.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            job = session.get(Job, job_id, populate_existing=True)
-            assert job is not None
-            audit.record(
-                session,
-                "job.taken",
-                study_uid=job.series.study.study_uid,
-                job=job.id,
-                attempt=attempt,
-                worker=job.worker,
-            )
-            return self._claim(session, job)
+            if taken.rowcount == 1:  # type: ignore[attr-defined]
+                job = session.get(Job, job_id, populate_existing=True)
+                assert job is not None
+                audit.record(
+                    session,
+                    "job.taken",
+                    study_uid=job.series.study.study_uid,
+                    job=job.id,
+                    attempt=attempt,
+                    worker=job.worker,
+                    delivery=job.deliveries,
+                )
+                return self._claim(session, job)
+            crashing = session.scalar(select(Job.id).where(*current)) is not None
+        if crashing:
+            said = f"workers took attempt {attempt} {limit} times and none recorded an outcome: each died"
+            self.fail(job_id, JobFailed("crashed", f"{said} running it (or lost the broker)"), attempt)
+        return None
 
     def _claim(self, session: Session, job: Job) -> Claim:
         """A running job as an executor runs it: its spec, files, time limit and attempt."""
@@ -154,18 +173,21 @@ class JobStore:
             )
             return None if running is None else [path for path, _ in _files(session, job_id)]
 
-    def finish(self, job_id: int, output: JobOutput, attempt: int | None = None) -> bool:
+    def finish(
+        self, job_id: int, output: JobOutput, attempt: int | None = None, worker: str | None = None
+    ) -> bool:
         """Record a job's results, and queue a send of each to each of the job's destinations. With
         ``attempt``, only while the job still runs that attempt (compare-and-set: an attempt the
-        watchdog gave up on, or a message delivered twice, is never recorded). Returns whether it
-        was recorded."""
+        watchdog gave up on, or a message delivered twice, is never recorded); with ``worker``, the
+        distributed worker whose outcome this is (the one that took the attempt last may be another,
+        which got the message again while the first still ran it). Returns whether it was recorded."""
         with self.db.session() as session:
-            # (called without ``attempt`` where none is given: tests replace _running with its old form)
-            job = _running(session, job_id) if attempt is None else _running(session, job_id, attempt)
+            job = _running(session, job_id, attempt)
             if job is None:
                 return False
             job.status = JobStatus.DONE
             job.finished_at = utcnow()
+            job.worker = job.worker if worker is None else worker[:128]
             job.model_version = output.model.version
             job.model_sha256 = output.model.sha256
             job.summary = output.summary
@@ -183,6 +205,7 @@ class JobStore:
                 analysed=output.outcome.get("analysed"),
                 summary=output.summary,
                 models_loaded=list(output.models_loaded),  # empty where the worker had preloaded them
+                **({} if worker is None else {"worker": job.worker}),
             )
             destinations = job.destinations.get("names", [])
             for written in output.results:
@@ -208,14 +231,17 @@ class JobStore:
         log.info("job %d done in %.1f s: %s", job_id, sum(output.timings.values()), output.summary)
         return True
 
-    def fail(self, job_id: int, failure: JobFailed, attempt: int | None = None) -> bool:
-        """Record a failed attempt (with ``attempt``: only while the job still runs it, as
-        :meth:`finish`). Returns whether the job is queued to run again."""
+    def fail(
+        self, job_id: int, failure: JobFailed, attempt: int | None = None, worker: str | None = None
+    ) -> bool:
+        """Record a failed attempt (with ``attempt`` and ``worker``: only while the job still runs it,
+        and whose outcome it is, as :meth:`finish`). Returns whether the job is queued to run again."""
         with self.db.session() as session:
-            job = _running(session, job_id) if attempt is None else _running(session, job_id, attempt)
+            job = _running(session, job_id, attempt)
             if job is None:
                 return False
             retry = job.attempts < self._attempts_allowed(failure.kind)
+            job.worker = job.worker if worker is None else worker[:128]
             job.status = JobStatus.QUEUED if retry else JobStatus.FAILED
             job.error = str(failure)[:4000]
             job.finished_at = None if retry else utcnow()

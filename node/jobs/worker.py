@@ -1,9 +1,10 @@
 """A distributed worker (``ainode worker --config FILE``): a Celery worker that runs the node's jobs
 for the model packages in its own ``models_dir``, on any host that reaches the broker and the node.
 
-It consumes only the queues of the packages it has (:func:`node.jobs.distributed.queue_name`; the
-``.gpu`` ones too where it has a GPU), ``node.workers`` processes at a time, each loading every package
-before its first job. For each message it takes the attempt from the node (409: the attempt was
+It consumes only the queues of the packages it has (:func:`node.jobs.distributed.queue_name`), and of
+the package sets the node's routes need with companion models that it holds whole (asked of the node as
+it starts; the ``.gpu`` ones too where it has a GPU), ``node.workers`` processes at a time, each loading
+every package before its first job. For each message it takes the attempt from the node (409: the attempt was
 decided already — dropped), fetches the files into its own ``data_dir`` (or reads them from a shared
 spool), runs :func:`node.jobs.run.run_job`, uploads the results and records the outcome; only then is
 the message acknowledged. A heartbeat tells the node what it serves and that it is alive.
@@ -23,20 +24,23 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from node.config import Settings, load_plugins
 from node.jobs.distributed import (
+    EXCHANGE,
     TASK,
+    Need,
     celery_app,
     declared_queue,
     output_to_json,
     queue_name,
     spec_from_json,
 )
+from node.jobs.local import pool_threads
 from node.jobs.run import PackageRef, Task, preload, run_job
 from node.runtime.model import set_batch, set_threads
 from node.runtime.package import ModelMissing, ModelRefused, discover
@@ -60,6 +64,24 @@ class Serves:
     packages: list[PackageRef]  # the newest of each, loaded before the first job
     devices: list[str]
     queues: list[str]
+    held: frozenset[tuple[str, str]] = frozenset()  # (name, version) of every package it has
+
+    def queues_for(self, needed: Sequence[Need]) -> list[str]:
+        """The queues of its packages, and of each of the ``needed`` package sets (the node's routes
+        with companion models) that it holds whole."""
+        names = {model for model, _ in self.held}
+        whole = [
+            need
+            for need in needed
+            if (need.model, need.version) in self.held or (need.version is None and need.model in names)
+            if set(need.companions) <= names
+        ]
+        queues: list[str] = []
+        for gpu in [g for g, device in ((False, "cpu"), (True, "gpu")) if device in self.devices]:
+            for model, version in sorted(self.held):
+                queues += [queue_name(model, gpu=gpu), queue_name(model, version, gpu)]
+            queues += [need.queue(gpu) for need in whole]
+        return list(dict.fromkeys(queues))
 
 
 def devices(settings: Settings) -> list[str]:
@@ -77,22 +99,20 @@ def devices(settings: Settings) -> list[str]:
     return ["cpu", "gpu"] if gpu else ["cpu"]
 
 
-def serves(settings: Settings, name: str = "") -> Serves:
+def serves(settings: Settings, name: str = "", needed: Sequence[Need] = ()) -> Serves:
+    """What the worker runs: every package in its models_dir, and each of the ``needed`` package sets
+    that it holds whole (:meth:`Serves.queues_for`)."""
     found = discover(settings.node.models_dir)
-    on = devices(settings)
-    queues: list[str] = []
-    for package in found:
-        manifest = package.manifest
-        for gpu in [g for g, device in ((False, "cpu"), (True, "gpu")) if device in on]:
-            queues += [queue_name(manifest.name, gpu=gpu), queue_name(manifest.name, manifest.version, gpu)]
     newest = {package.manifest.name: package.manifest.version for package in found}  # sorted: newest last
-    return Serves(
+    what = Serves(
         name=name or settings.jobs.distributed.worker_name or f"ainode@{socket.gethostname()}",
         models=[f"{p.manifest.name} {p.manifest.version}" for p in found],
         packages=[(model, version) for model, version in newest.items()],
-        devices=on,
-        queues=list(dict.fromkeys(queues)),
+        devices=devices(settings),
+        queues=[],
+        held=frozenset((p.manifest.name, p.manifest.version) for p in found),
     )
+    return replace(what, queues=what.queues_for(needed))
 
 
 class NodeClient:
@@ -146,6 +166,13 @@ class NodeClient:
         with self._request("PUT", path, source.read_bytes(), "application/dicom"):
             pass
 
+    def needs(self) -> list[Need]:
+        """The package sets the node's routes need with companion models."""
+        return [
+            Need(str(need["model"]), need.get("version") or None, tuple(need["companions"]))
+            for need in self.call("GET", "/internal/needs")
+        ]
+
 
 def execute(settings: Settings, worker: str, job_id: int, attempt: int) -> str:
     """Run one attempt of a job and record its outcome with the node (the job as the node's database
@@ -184,14 +211,15 @@ def execute(settings: Settings, worker: str, job_id: int, attempt: int) -> str:
             failure = ("model_missing", str(exc))
         except Exception as exc:
             failure = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
+        mine = f"attempt={attempt}&worker={quote(worker, safe='')}"
         if failure is not None:
-            client.call("POST", f"{job}/fail?attempt={attempt}", {"kind": failure[0], "message": failure[1]})
+            client.call("POST", f"{job}/fail?{mine}", {"kind": failure[0], "message": failure[1]})
             return failure[0]
         if not shared:
             for written in output.results:
                 name = quote(Path(written.path).name, safe="")
                 client.upload(f"{job}/results/{name}?attempt={attempt}", Path(written.path))
-        client.call("POST", f"{job}/finish?attempt={attempt}", output_to_json(output))
+        client.call("POST", f"{job}/finish?{mine}", output_to_json(output))
         return "done"
     except Stale:
         log.info("job %d attempt %d was decided on the node meanwhile; dropped", job_id, attempt)
@@ -200,16 +228,42 @@ def execute(settings: Settings, worker: str, job_id: int, attempt: int) -> str:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _heartbeat(settings: Settings, what: Serves, stop: threading.Event) -> None:
+def _follow_routes(client: NodeClient, what: Serves, app: Any, consuming: list[str]) -> None:
+    """Consume the queue of each package set the node's routes need now (the node restarted with new
+    routes) that the worker holds whole, through Celery's remote control (the worker's own loop runs
+    it). Adds to ``consuming``."""
+    from celery.utils.nodenames import default_nodename
+
+    for name in [q for q in what.queues_for(client.needs()) if q not in consuming]:
+        queue = declared_queue(name)
+        app.control.add_consumer(
+            name,
+            exchange=EXCHANGE,
+            exchange_type="direct",
+            routing_key=name,
+            destination=[default_nodename(what.name)],
+            options={"queue_durable": queue.durable, "exchange_durable": queue.exchange.durable},
+        )
+        consuming.append(name)
+        log.info("now consuming %s: the node's routes need it", name)
+
+
+def _heartbeat(settings: Settings, what: Serves, app: Any, stop: threading.Event) -> None:
+    """Follow the node's routes, and tell the node that the worker is alive and what it serves."""
     client = NodeClient(settings)
-    info = {
-        "host": socket.gethostname(),
-        "models": what.models,
-        "devices": what.devices,
-        "queues": what.queues,
-        "concurrency": settings.node.workers,
-    }
+    consuming = list(what.queues)
     while True:
+        try:
+            _follow_routes(client, what, app, consuming)
+        except Exception as exc:  # the node is away, or could not say: the queues stay as they are
+            log.warning("asking %s what its routes need failed: %s", client.base, exc)
+        info = {
+            "host": socket.gethostname(),
+            "models": what.models,
+            "devices": what.devices,
+            "queues": consuming,
+            "concurrency": settings.node.workers,
+        }
         try:
             client.call("POST", f"/internal/workers/{quote(what.name, safe='')}/heartbeat", info)
         except Exception as exc:  # the node is away: say so, keep running jobs, try again
@@ -233,7 +287,7 @@ def build(settings: Settings, what: Serves) -> Any:
 
     @signals.worker_process_init.connect(weak=False)
     def load(**_: Any) -> None:
-        set_threads(settings.node.torch_threads)
+        set_threads(pool_threads(settings.node.torch_threads, settings.node.workers))  # the cores, shared
         set_batch(settings.jobs.batch_images)
         load_plugins(settings.node.plugins)
         for package in preload(settings.node.models_dir, what.packages):
@@ -243,7 +297,7 @@ def build(settings: Settings, what: Serves) -> Any:
     @signals.worker_ready.connect(weak=False)
     def ready(**_: Any) -> None:
         threading.Thread(
-            target=_heartbeat, args=(settings, what, stop), name="heartbeat", daemon=True
+            target=_heartbeat, args=(settings, what, app, stop), name="heartbeat", daemon=True
         ).start()
 
     @signals.worker_shutdown.connect(weak=False)
@@ -255,7 +309,7 @@ def build(settings: Settings, what: Serves) -> Any:
 
 def serve(settings: Settings, name: str = "", argv: Sequence[str] = ()) -> int:
     """Run the worker until it is stopped (SIGTERM: warm shutdown, running jobs finish first)."""
-    what = serves(settings, name)
+    what = serves(settings, name, NodeClient(settings).needs())
     if not what.queues:
         log.error("no model package in %s: this worker would never receive a job", settings.node.models_dir)
         return 1

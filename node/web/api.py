@@ -135,6 +135,7 @@ def _study_detail(study: Study) -> dict[str, Any]:
                     "model_sha256": j.model_sha256,
                     "status": j.status.value,
                     "attempts": j.attempts,
+                    "worker": j.worker,  # the distributed worker that ran it; "" for the local pool
                     "error": error_line(j.error),
                     "summary": j.summary,
                     "outcome": j.outcome,

@@ -22,7 +22,17 @@ from node.dicom.limits import ListenerLoad
 from node.ingest.accept import Ingest
 from node.spool import Spool
 from node.web import api, auth, internal, worklist
-from node.web.pages import audit, capture, configuration, destinations, models, overview, routes, studies
+from node.web.pages import (
+    audit,
+    capture,
+    configuration,
+    destinations,
+    models,
+    overview,
+    routes,
+    studies,
+    workers,
+)
 from node.web.render import page
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -41,16 +51,20 @@ def create_app(
     dicom_load: Callable[[], ListenerLoad | None] = lambda: None,
     complete_study: Callable[[str, str], None] | None = None,
     ingest: Ingest | None = None,
+    job_ended: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The app. ``dicom_listening`` tells /healthz whether the DICOM listener is up, ``dicom_load`` how
     many connections it holds against its limit (None: not known), ``complete_study`` declares a study
     complete (node.ingest.index.Indexer.complete_study; None: no node runs here to tell), ``ingest``
-    takes uploads (POST /api/studies; None: no node runs here to take them)."""
+    takes uploads (POST /api/studies; None: no node runs here to take them), ``job_ended`` wakes the
+    node's dispatcher and sender after a distributed worker's outcome (node.service.Node.job_ended;
+    None: their next tick does)."""
     # No /docs: the interactive API pages would load their scripts from a CDN.
     app = FastAPI(title="AI node", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db, app.state.spool, app.state.settings = db, spool, settings
     app.state.dicom_listening, app.state.dicom_load = dicom_listening, dicom_load
     app.state.complete_study, app.state.ingest = complete_study, ingest
+    app.state.job_ended = job_ended
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for module in (
         api,
@@ -64,6 +78,7 @@ def create_app(
         audit,
         configuration,
         capture,
+        workers,
         internal,
     ):
         app.include_router(module.router)

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from node.config import Settings
 from node.db import Database
-from node.jobs.distributed import output_from_json, record_worker, safe_name, spec_to_json
+from node.jobs.distributed import needs, output_from_json, record_worker, safe_name, spec_to_json
 from node.jobs.store import JobFailed, JobStore
 from node.spool import Spool, write_atomic
 
@@ -58,8 +58,9 @@ def _stale() -> JSONResponse:
 
 
 def _ended(request: Request) -> None:
-    """Wake the node's dispatcher, where the node set it up (``app.state.job_ended``)."""
-    ended: Callable[[], None] | None = getattr(request.app.state, "job_ended", None)
+    """Wake the node's dispatcher and sender, where a node runs with the app (create_app's
+    ``job_ended``)."""
+    ended: Callable[[], None] | None = request.app.state.job_ended
     if ended is not None:
         try:
             ended()
@@ -73,6 +74,19 @@ async def heartbeat(
 ) -> Response:
     await run_in_threadpool(record_worker, request.app.state.db, name[:128], info)
     return Response(status_code=204)
+
+
+@router.get("/needs")
+async def needed(request: Request, _: Worker) -> Response:
+    """The package sets of the node's routes with companion models: a worker consumes the queue of
+    each one it holds whole (node.jobs.distributed.needs)."""
+    settings: Settings = request.app.state.settings
+    return JSONResponse(
+        [
+            {"model": need.model, "version": need.version, "companions": list(need.companions)}
+            for need in needs(settings.routes)
+        ]
+    )
 
 
 @router.post("/jobs/{job_id}/take")
@@ -129,9 +143,14 @@ def _write(target: Path, data: bytes) -> None:
 
 @router.post("/jobs/{job_id}/finish")
 async def finish(
-    request: Request, job_id: int, attempt: int, _: Worker, output: Annotated[dict[str, Any], Body()]
+    request: Request,
+    job_id: int,
+    attempt: int,
+    _: Worker,
+    output: Annotated[dict[str, Any], Body()],
+    worker: str = "",
 ) -> Response:
-    """Record the outcome the worker computed; its result files must have been uploaded (or, with a
+    """Record the outcome ``worker`` computed; its result files must have been uploaded (or, with a
     shared spool, written into the result folder)."""
     spool: Spool = request.app.state.spool
     result_dir = spool.result_dir(job_id)
@@ -142,7 +161,7 @@ async def finish(
     missing = [Path(r.path).name for r in parsed.results if not Path(r.path).is_file()]
     if missing:
         raise HTTPException(400, f"result files not uploaded: {missing}")
-    recorded = await run_in_threadpool(_store(request).finish, job_id, parsed, attempt)
+    recorded = await run_in_threadpool(_store(request).finish, job_id, parsed, attempt, worker or None)
     if not recorded:
         return _stale()
     _ended(request)
@@ -151,7 +170,12 @@ async def finish(
 
 @router.post("/jobs/{job_id}/fail")
 async def fail(
-    request: Request, job_id: int, attempt: int, _: Worker, body: Annotated[dict[str, Any], Body()]
+    request: Request,
+    job_id: int,
+    attempt: int,
+    _: Worker,
+    body: Annotated[dict[str, Any], Body()],
+    worker: str = "",
 ) -> Response:
     kind = str(body.get("kind", "error"))
     if kind not in KINDS:
@@ -160,7 +184,7 @@ async def fail(
     if await run_in_threadpool(store.files, job_id, attempt) is None:
         return _stale()
     retry = await run_in_threadpool(
-        store.fail, job_id, JobFailed(kind, str(body.get("message", ""))), attempt
+        store.fail, job_id, JobFailed(kind, str(body.get("message", ""))), attempt, worker or None
     )
     _ended(request)
     return JSONResponse({"retry": retry})

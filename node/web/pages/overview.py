@@ -24,6 +24,7 @@ from node.spool import Spool
 from node.web.auth import require
 from node.web.pages.destinations import Outbox, outboxes
 from node.web.pages.studies import brief_error, duration, when
+from node.web.pages.workers import workers
 from node.web.render import page
 
 router = APIRouter()
@@ -222,6 +223,10 @@ def overview(request: Request) -> dict[str, Any]:
             "retention": _retention(session),
         }
     figures["destinations"] = _destinations(request)
+    figures["workers"] = None  # the local pool's processes are the node's own
+    if settings.jobs.executor == "celery":
+        alive = [worker["alive"] for worker in workers(request.app.state.db, settings)]
+        figures["workers"] = {"alive": sum(alive), "stale": len(alive) - sum(alive)}
     free, floor = spool.free_bytes(), settings.node.min_free_disk_mb * 2**20
     figures["disk"] = {"free_bytes": free, "floor_bytes": floor, "low": free < 2 * floor}
     figures["dicom_listening"] = bool(request.app.state.dicom_listening())
@@ -247,6 +252,8 @@ def _problems(figures: dict[str, Any]) -> list[str]:
     waiting = figures["queues"]["oldest_queued_seconds"]
     if waiting is not None and waiting > QUEUE_WARNING.total_seconds():
         problems.append(f"a job has waited {duration(waiting)} in the queue: the workers do not keep up")
+    if figures["workers"] is not None and not figures["workers"]["alive"]:
+        problems.append("no distributed worker is alive: jobs wait at the broker")
     failed = figures["activity"]["hour"]["failed"]
     if failed:
         problems.append(f"{failed} stud{'y' if failed == 1 else 'ies'} with a failed job in the last hour")

@@ -349,6 +349,7 @@ def _job(job: Job, study_uid: str) -> dict[str, Any]:
         "model_sha256": job.model_sha256,
         "status": job.status.value,
         "attempts": job.attempts,
+        "worker": job.worker,
         "error": brief_error(job.error),
         "summary": job.summary,
         "analysed": outcome.get("analysed"),
