@@ -9,9 +9,10 @@ jobs on its own process pool (``[jobs] executor = "local"``, ``node.workers`` 1)
 job at a time with ``torch_threads = max(1, cores // workers)`` (more threads than cores collapse), the
 pool's process with as many as one worker's.
 Lone job: a chest radiograph sent alone to the idle node, each job's ``created_at`` → ``finished_at``
-(the node's database); "until claimed" is the dispatcher's part (created → started_at), "work" the
-job's own stages (load, analyse, write); the rest is the broker and the worker's fetch and upload
-(celery) or the pipe to the pool's process (local).
+(the node's database); "until started" is created → started_at (the local pool's dispatcher claimed it;
+under celery a worker took it from the broker), "work" the job's own stages (load, analyse, write); the
+rest is the worker's fetch and upload and recording the outcome (celery) or the pipe to the pool's
+process (local).
 
     .venv/bin/python -m benchmarks.distributed [--runs 3] [--celery-workers 1,2,4] [--broker rabbitmq|redis]
         [--studies 40] [--senders 4] [--ct-slices 60] [--lone 5] [--torch-threads N]
@@ -55,7 +56,7 @@ class Setup:
 class Measured:
     studies_per_minute: float
     lone_s: list[float]  # each lone job, created → finished
-    claim_s: list[float]  # each lone job, created → claimed by the dispatcher (started_at)
+    claim_s: list[float]  # each lone job, created → started_at (claimed by the pool / taken by a worker)
     work_s: list[float]  # each lone job's own stages
     not_done: int
 
@@ -139,7 +140,7 @@ def report(
             for r, m in zip(rounds, local, strict=True)
         ]
         print(
-            f"    {setup.name:22s} {median_of_runs(lone)}   until claimed {statistics.median(claim):.2f}"
+            f"    {setup.name:22s} {median_of_runs(lone)}   until started {statistics.median(claim):.2f}"
             f"   the job's own work {statistics.median(work):.2f}"
             f"   more than the local pool {median_of_runs(added)}"
         )

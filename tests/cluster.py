@@ -27,7 +27,7 @@ import tomli_w
 from sqlalchemy import select
 
 from node.db import AuditEvent, Database, Job, JobStatus, Worker, open_database, utcnow
-from tests.peers import REPO, NodeProcess, OrthancServer, storescu, wait_for
+from tests.peers import REPO, NodeProcess, OrthancServer, free_port, storescu, wait_for
 from training.chest_phantom import NORMAL, chest_dicom, sample
 
 SECRET = "a-test-worker-secret"
@@ -55,15 +55,17 @@ def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
 class Broker:
     """A broker of a run's own: a RabbitMQ virtual host (``where`` its name) or a Redis database
     (``where`` its number). ``visibility_seconds``: Redis's wait before it delivers again a message
-    that nobody acknowledged (a killed worker's); None: the node's default."""
+    that nobody acknowledged (a killed worker's); None: the node's default. ``server``: a broker
+    started by the run itself (:func:`redis_server`); None: the machine's."""
 
     kind: Literal["rabbitmq", "redis"]
     where: str
     visibility_seconds: float | None = None
+    server: tuple[str, int] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
-        return RABBITMQ if self.kind == "rabbitmq" else REDIS
+        return self.server or (RABBITMQ if self.kind == "rabbitmq" else REDIS)
 
     def url(self, address: str = "") -> str:
         """The broker URL, through ``address`` ("host:port", e.g. a relay's) if given."""
@@ -108,6 +110,53 @@ def redis_database(visibility_seconds: float | None = None) -> Iterator[Broker]:
         if client.get(CLAIM) == token.encode():
             client.flushdb()
         client.close()
+
+
+class RedisServer:
+    """A ``redis-server`` of the run's own on a free loopback port, keeping its data in ``folder`` the
+    way a Redis broker must for queued jobs to outlive a restart: every write appended to its log and
+    fsynced before Redis answers (``appendonly yes``, ``appendfsync always``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def broker(self, visibility_seconds: float | None = None) -> Broker:
+        return Broker("redis", "0", visibility_seconds, ("127.0.0.1", self.port))
+
+    def start(self) -> RedisServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ],
+            stdout=open(self.folder / "redis.log", "ab"),  # noqa: SIM115 - kept open for the process
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: _open("127.0.0.1", self.port), 30, "redis-server to listen")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: Redis closes its log and exits, as a broker's service stopped by systemd."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        self.process = None
 
 
 class Relay:

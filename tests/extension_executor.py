@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Collection
 
 from node.jobs import Claim, ExecutorContext, JobFailed, register_executor
 from node.jobs.run import run_job
@@ -33,6 +34,9 @@ class InlineExecutor:
     def cancel(self, job_id: int) -> bool:
         """A job on this thread cannot be stopped halfway; it simply finishes."""
         return False
+
+    def waiting(self, job_ids: Collection[int]) -> set[int]:
+        return set()
 
     def shutdown(self) -> None:
         self._claims.put(None)

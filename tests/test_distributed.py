@@ -36,6 +36,7 @@ from tests.cluster import (
     SECRET,
     Broker,
     Cluster,
+    RedisServer,
     Relay,
     _open,
     only,
@@ -194,6 +195,39 @@ def test_queued_jobs_survive_a_broker_restart(cluster: Cluster) -> None:
     counts = cluster.counts()
     print(f"\nrabbitmq, broker restarted mid-queue: {counts}")
     assert (counts.completed_once, counts.lost) == (3, 0)
+
+
+@pytest.mark.slow
+def test_queued_jobs_survive_a_restart_of_a_redis_that_keeps_its_log(tmp_path: Path, pg_url: str) -> None:
+    """The machine's Redis keeps nothing on disk, so a Redis of the test's own, set as the README says
+    a Redis broker must be (``appendonly yes``, ``appendfsync always``), stopped and started again."""
+    pytest.importorskip("celery")
+    pytest.importorskip("redis")
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    redis = RedisServer(tmp_path / "redis").start()
+    cluster = Cluster(tmp_path / "cluster", redis.broker(REDIS_VISIBILITY_SECONDS), pg_url)
+    try:
+        cluster.start()
+        cluster.send(3)
+        wait_for(
+            lambda: len([j for j in cluster.jobs() if j.status == JobStatus.RUNNING]) == 3,
+            60,
+            "3 jobs at the broker",
+        )
+        redis.stop()
+        assert not _open("127.0.0.1", redis.port)
+        redis.start()
+        cluster.worker("after-restart")
+        jobs = cluster.wait_done(3)
+        assert {job.worker for job in jobs} == {"after-restart"}
+        assert set(cluster.finished_events().values()) == {1}
+        counts = cluster.counts()
+        print(f"\nredis (its own, appendonly), broker restarted mid-queue: {counts}")
+        assert (counts.completed_once, counts.lost) == (3, 0)
+    finally:
+        cluster.stop()
+        redis.stop()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from node.config import Route, Settings
 from node.db import AuditEvent, Database, Job, JobStatus, Worker, open_database, utcnow
-from node.jobs import ExecutorContext, JobStore
+from node.jobs import ExecutorContext, JobStore, watch
 from node.jobs.distributed import CeleryExecutor, Need, needs, queue_name, record_worker
 from node.jobs.run import JobOutput, JobSpec
 from node.jobs.worker import serves
@@ -35,6 +35,7 @@ from tests.test_distributed import IDENTITY
 from tests.test_distributed import cluster as cluster  # noqa: F401 - the fixtures, for the slow tests here
 from tests.test_distributed import pg_url as pg_url  # noqa: F401
 from tests.test_distributed import vhost as vhost  # noqa: F401
+from tests.test_faults_jobs import queue_jobs, started_long_ago
 from tests.test_jobs import job, queued_job
 from tests.web import logged_in
 from training.skin_phantom import write_dermoscopy
@@ -117,6 +118,45 @@ def test_the_outcome_names_the_worker_that_recorded_it(db: Database, tmp_path: P
     assert jobs.finish(job_id, output, attempt=1, worker="second") is False
     assert (job(db).status, job(db).worker) == (JobStatus.DONE, "first")
     assert [e.detail["worker"] for e in actions(db, "job.finished")] == ["first"]
+
+
+def test_a_job_waits_at_the_broker_for_a_worker_with_its_model_however_long(
+    db: Database, tmp_path: Path
+) -> None:
+    """The watchdog leaves alone a job no worker took while no live worker consumes its queue; once
+    one does, a job still untaken past its limit was lost (its message, say, with a Redis that keeps
+    nothing) and is retried. A worker's take restarts the attempt's clock."""
+    (waiting,) = queue_jobs(db, tmp_path, {})
+    settings = Settings.model_validate(
+        {
+            "jobs": {
+                "executor": "celery",
+                "timeout_base_seconds": 30,
+                "watchdog_grace_seconds": 10,
+                "distributed": {"secret": SECRET, "heartbeat_seconds": 5},
+            }
+        }
+    )
+    store = JobStore(db, settings.jobs)
+    executor = CeleryExecutor(ExecutorContext(settings, store, Spool(tmp_path), lambda: None))
+    claim = store.claim()
+    assert claim is not None
+    queue = executor.queue_for(claim.spec)
+    started_long_ago(db, waiting, 3600)
+    record_worker(db, "other", {"queues": ["ainode.model.fundus"]})  # alive, without the model
+    assert watch(store, executor) == 0
+    assert (job(db).status, job(db).attempts) == (JobStatus.RUNNING, 1)
+
+    record_worker(db, "has-it", {"queues": [queue]})
+    assert store.take(waiting, 1, "has-it") is not None  # taken: the limit counts from now
+    assert watch(store, executor) == 0 and job(db).status == JobStatus.RUNNING
+
+    with db.session() as session:  # as if nobody had taken it, with a live worker consuming its queue
+        session.execute(update(Job).where(Job.id == waiting).values(deliveries=0, worker=""))
+    started_long_ago(db, waiting, 3600)
+    assert watch(store, executor) == 1
+    lost = job(db)
+    assert (lost.status, lost.attempts) == (JobStatus.QUEUED, 1) and "was not running it" in lost.error
 
 
 # --- Routing on the whole package set --------------------------------------------------------------
@@ -215,13 +255,28 @@ def test_workers_and_the_worker_of_each_job_are_shown(db: Database, tmp_path: Pa
     assert (
         'id="worker-alive-one"' in page and "gpu-1" in page and "stale" in page and "chest-xray 1.0.0" in page
     )
-    assert viewer.get("/api/overview").json()["workers"] == {"alive": 1, "stale": 1}
+    overview = viewer.get("/api/overview").json()
+    assert overview["workers"] == {
+        "alive": 1,
+        "stale": 1,
+        "jobs_waiting_for_a_worker": 0,
+        "queues_without_a_worker": [],
+    }
     assert "distributed workers alive" in viewer.get("/").text
 
     with db.session() as session:
         study_uid = session.scalars(select(Job)).one().series.study.study_uid
     (series,) = viewer.get(f"/api/studies/{study_uid}").json()["series"]
     assert series["jobs"][0]["worker"] == "alive-one"
+
+    with db.session() as session:  # as if nobody had taken it: the live worker has not its model
+        session.execute(update(Job).values(deliveries=0, worker=""))
+    overview = viewer.get("/api/overview").json()
+    assert overview["workers"]["queues_without_a_worker"] == ["ainode.model.ct-hemorrhage"]
+    assert (
+        "1 job(s) wait at the broker: no live worker consumes ainode.model.ct-hemorrhage"
+        " (start one holding those models)" in overview["problems"]
+    )
 
     with db.session() as session:  # every worker silent: the overview says so
         session.execute(update(Worker).values(last_seen_at=utcnow() - timedelta(minutes=5)))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -234,6 +234,27 @@ def live_workers(db: Database, settings: DistributedSettings) -> list[Worker]:
         return list(session.scalars(select(Worker).where(Worker.last_seen_at >= since).order_by(Worker.name)))
 
 
+def awaiting_a_worker(
+    db: Database, settings: DistributedSettings, job_ids: Collection[int] | None = None
+) -> dict[int, str]:
+    """Running jobs (of ``job_ids``, else all) that no worker has taken while no live worker consumes
+    their queue, CPU or GPU: job id → the queue they wait in."""
+    consumed = {queue for worker in live_workers(db, settings) for queue in worker.queues}
+    query = select(Job).where(Job.status == JobStatus.RUNNING, Job.deliveries == 0)
+    if job_ids is not None:
+        query = query.where(Job.id.in_(job_ids))
+    with db.session() as session:
+        untaken = session.scalars(query).all()
+        queues = {
+            job.id: [
+                queue_name(job.model, job.model_version or None, gpu, job.companions.values())
+                for gpu in (False, True)
+            ]
+            for job in untaken
+        }
+    return {job_id: cpu for job_id, (cpu, gpu) in queues.items() if not {cpu, gpu} & consumed}
+
+
 @register_executor("celery")
 class CeleryExecutor:
     """Hands claimed jobs to the broker, into the queue of their model packages; workers record
@@ -309,6 +330,13 @@ class CeleryExecutor:
         self.start()
         self._app.control.revoke(task_id(job_id, attempt), terminate=True, signal="SIGKILL")
         return True
+
+    def waiting(self, job_ids: Collection[int]) -> set[int]:
+        """Jobs that wait at the broker for a worker holding their package set, however long that takes
+        (:func:`awaiting_a_worker`). A job whose queue a live worker consumes but that nobody took past
+        its limit was lost (the broker lost its message, or the node stopped between claiming and
+        sending it): the watchdog retries it."""
+        return set(awaiting_a_worker(self.context.store.db, self.settings, job_ids))
 
     def shutdown(self) -> None:
         """Jobs at the broker or on workers stay there: their outcomes are recorded when the node is

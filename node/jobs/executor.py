@@ -13,7 +13,7 @@ backstop for what an executor cannot see: a job left running in the database tha
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +44,12 @@ class Executor(Protocol):
     def cancel(self, job_id: int) -> bool:
         """Stop running a job if it runs here; returns whether it did (False: not here, or it cannot be
         stopped). Its outcome is not recorded: the caller decides it."""
+        ...
+
+    def waiting(self, job_ids: Collection[int]) -> set[int]:
+        """Those of ``job_ids`` (running in the database, past their time limit) that are neither
+        running nor lost but wait for a runner that can take them, such as a worker holding their
+        model: the watchdog leaves them alone."""
         ...
 
     def shutdown(self) -> None:
@@ -113,8 +119,11 @@ def dispatch(store: JobStore, executor: Executor) -> int:
 def watch(store: JobStore, executor: Executor) -> int:
     """The watchdog: fail every job running past its time limit plus the grace, and stop it where it
     still runs. One the executor still ran has outrun its limit (a ``timeout``); one it did not run was
-    lost (``lost``, retried like a crash). Returns how many."""
+    lost (``lost``, retried like a crash); one that waits for a runner able to take it is left to wait.
+    Returns how many it failed."""
     overdue = store.overdue()
+    waiting = executor.waiting([job.job_id for job in overdue]) if overdue else set()
+    overdue = [job for job in overdue if job.job_id not in waiting]
     for job in overdue:
         said = f"running {job.running:.0f} s, past its limit of {job.time_limit:.0f} s"
         if executor.cancel(job.job_id):

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -256,6 +256,10 @@ class LocalPool:
             if slot is not None:
                 slot.interrupt()
             return True
+
+    def waiting(self, job_ids: Collection[int]) -> set[int]:
+        """None: every slot runs every job."""
+        return set()
 
     def shutdown(self) -> None:
         self._stopping.set()

@@ -136,7 +136,8 @@ class JobStore:
             taken = session.execute(
                 update(Job)
                 .where(*current, Job.deliveries < limit)
-                .values(worker=worker[:128], deliveries=Job.deliveries + 1)
+                # Its time limit counts from now: it may have waited at the broker for a worker.
+                .values(worker=worker[:128], deliveries=Job.deliveries + 1, started_at=utcnow())
             )
             if taken.rowcount == 1:  # type: ignore[attr-defined]
                 job = session.get(Job, job_id, populate_existing=True)

@@ -41,7 +41,7 @@ from node.jobs.distributed import (
     spec_from_json,
 )
 from node.jobs.local import pool_threads
-from node.jobs.run import PackageRef, Task, preload, run_job
+from node.jobs.run import PackageRef, Task, prefer_faster_runtime, preload, run_job, try_faster_runtime
 from node.runtime.model import set_batch, set_threads
 from node.runtime.package import ModelMissing, ModelRefused, discover
 
@@ -293,6 +293,14 @@ def build(settings: Settings, what: Serves) -> Any:
         for package in preload(settings.node.models_dir, what.packages):
             if package.error:
                 log.error("could not load %s: %s", package.name, package.error)
+        # A worker has no idle moments to spare for this, as the local pool does: the broker hands it
+        # the next message as soon as one is acknowledged. So every package ONNX Runtime may run
+        # faster is measured now, before the process takes its first job (the exports are cached in
+        # data_dir/runtimes: a restarted worker only times them again; each choice is logged).
+        if settings.jobs.onnx_runtime == "when_faster":
+            prefer_faster_runtime(settings.node.data_dir / "runtimes")
+            while try_faster_runtime() is not None:
+                pass
 
     @signals.worker_ready.connect(weak=False)
     def ready(**_: Any) -> None:

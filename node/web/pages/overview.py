@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from node.accounts import Principal
 from node.config import Settings
 from node.db import AuditEvent, Job, JobStatus, Result, Send, SendStatus, Series, SeriesStatus, Study, utcnow
+from node.jobs.distributed import awaiting_a_worker
 from node.spool import Spool
 from node.web.auth import require
 from node.web.pages.destinations import Outbox, outboxes
@@ -226,7 +227,13 @@ def overview(request: Request) -> dict[str, Any]:
     figures["workers"] = None  # the local pool's processes are the node's own
     if settings.jobs.executor == "celery":
         alive = [worker["alive"] for worker in workers(request.app.state.db, settings)]
-        figures["workers"] = {"alive": sum(alive), "stale": len(alive) - sum(alive)}
+        waiting = awaiting_a_worker(request.app.state.db, settings.jobs.distributed)
+        figures["workers"] = {
+            "alive": sum(alive),
+            "stale": len(alive) - sum(alive),
+            "jobs_waiting_for_a_worker": len(waiting),
+            "queues_without_a_worker": sorted(set(waiting.values())),
+        }
     free, floor = spool.free_bytes(), settings.node.min_free_disk_mb * 2**20
     figures["disk"] = {"free_bytes": free, "floor_bytes": floor, "low": free < 2 * floor}
     figures["dicom_listening"] = bool(request.app.state.dicom_listening())
@@ -254,6 +261,12 @@ def _problems(figures: dict[str, Any]) -> list[str]:
         problems.append(f"a job has waited {duration(waiting)} in the queue: the workers do not keep up")
     if figures["workers"] is not None and not figures["workers"]["alive"]:
         problems.append("no distributed worker is alive: jobs wait at the broker")
+    elif figures["workers"] is not None and figures["workers"]["jobs_waiting_for_a_worker"]:
+        unserved = figures["workers"]
+        problems.append(
+            f"{unserved['jobs_waiting_for_a_worker']} job(s) wait at the broker: no live worker consumes"
+            f" {', '.join(unserved['queues_without_a_worker'])} (start one holding those models)"
+        )
     failed = figures["activity"]["hour"]["failed"]
     if failed:
         problems.append(f"{failed} stud{'y' if failed == 1 else 'ies'} with a failed job in the last hour")
