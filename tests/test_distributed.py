@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -170,31 +170,40 @@ def test_a_worker_killed_mid_job_the_job_completes_once_elsewhere(
         cluster.stop()
 
 
-@pytest.mark.slow
-def test_queued_jobs_survive_a_broker_restart(cluster: Cluster) -> None:
-    if os.environ.get("TEST_NO_BROKER_RESTART"):
-        pytest.skip("TEST_NO_BROKER_RESTART is set: the broker is shared")
+def broker_restarted_mid_queue(cluster: Cluster, restart: Callable[[], None], broker: str) -> None:
+    """Three jobs claimed and waiting at the broker (no worker yet), ``restart``, then a worker: each
+    job runs after it, once."""
     cluster.start()
     cluster.send(3)
-    # No worker yet: the jobs are claimed and wait at the broker.
     wait_for(
         lambda: len([j for j in cluster.jobs() if j.status == JobStatus.RUNNING]) == 3,
         60,
         "3 jobs at the broker",
     )
-    rabbitmqctl("stop_app")
-    try:
-        assert not _open(*RABBITMQ)
-    finally:
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
+    restart()
     cluster.worker("after-restart")
     jobs = cluster.wait_done(3)
     assert {job.worker for job in jobs} == {"after-restart"}
     assert set(cluster.finished_events().values()) == {1}
     counts = cluster.counts()
-    print(f"\nrabbitmq, broker restarted mid-queue: {counts}")
+    print(f"\n{broker}, broker restarted mid-queue: {counts}")
     assert (counts.completed_once, counts.lost) == (3, 0)
+
+
+@pytest.mark.slow
+def test_queued_jobs_survive_a_broker_restart(cluster: Cluster) -> None:
+    if os.environ.get("TEST_NO_BROKER_RESTART"):
+        pytest.skip("TEST_NO_BROKER_RESTART is set: the broker is shared")
+
+    def restart() -> None:
+        rabbitmqctl("stop_app")
+        try:
+            assert not _open(*RABBITMQ)
+        finally:
+            rabbitmqctl("start_app")
+            rabbitmqctl("await_startup")
+
+    broker_restarted_mid_queue(cluster, restart, "rabbitmq")
 
 
 @pytest.mark.slow
@@ -207,24 +216,14 @@ def test_queued_jobs_survive_a_restart_of_a_redis_that_keeps_its_log(tmp_path: P
         pytest.skip("needs redis-server")
     redis = RedisServer(tmp_path / "redis").start()
     cluster = Cluster(tmp_path / "cluster", redis.broker(REDIS_VISIBILITY_SECONDS), pg_url)
-    try:
-        cluster.start()
-        cluster.send(3)
-        wait_for(
-            lambda: len([j for j in cluster.jobs() if j.status == JobStatus.RUNNING]) == 3,
-            60,
-            "3 jobs at the broker",
-        )
+
+    def restart() -> None:
         redis.stop()
         assert not _open("127.0.0.1", redis.port)
         redis.start()
-        cluster.worker("after-restart")
-        jobs = cluster.wait_done(3)
-        assert {job.worker for job in jobs} == {"after-restart"}
-        assert set(cluster.finished_events().values()) == {1}
-        counts = cluster.counts()
-        print(f"\nredis (its own, appendonly), broker restarted mid-queue: {counts}")
-        assert (counts.completed_once, counts.lost) == (3, 0)
+
+    try:
+        broker_restarted_mid_queue(cluster, restart, "redis (its own, appendonly)")
     finally:
         cluster.stop()
         redis.stop()
