@@ -178,7 +178,8 @@ def main() -> None:
         # A receiver that fsyncs each instance before answering it cannot overlap the write with the
         # sender, which waits for the answer before it sends the next: for one association, the
         # sender's and the network's time (storescp's run, its own processing included) and the durable
-        # writes add up. Per run, then the median.
+        # writes add up. Per run, then the median. storescp's own receive and page-cache write are in both
+        # terms, so the true bound is a little lower than this.
         bounds = [r + f for r, f in zip(reference_times, floor_times, strict=True)]
         bound_s = statistics.median(bounds)
         print(
