@@ -6,6 +6,7 @@ association's socket, and its answers read by pynetdicom."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
 import time
@@ -125,14 +126,22 @@ def test_storescu_instances_are_stored_as_pynetdicoms_path_stores_them(
         receiver.stop()
 
 
-def associate(port: int, *contexts: tuple[str, str]) -> Association:
+@contextlib.contextmanager
+def associated(port: int, source: Path, *sop_classes: str) -> Iterator[Association]:
+    """An association proposing CT (and ``sop_classes``) in ``source``'s transfer syntax, and
+    verification; released at the end unless the test ended it."""
+    syntax = pydicom.dcmread(source).file_meta.TransferSyntaxUID
     ae = AE(ae_title="STORESCU")
-    for abstract, syntax in contexts:
+    for abstract in (CTImageStorage, *sop_classes):
         ae.add_requested_context(abstract, syntax)
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
     assert assoc.is_established
-    return assoc
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
 
 
 def context_id(assoc: Association, abstract: str) -> int:
@@ -187,9 +196,7 @@ def test_a_command_over_several_pdus_and_fragments_several_to_a_pdu(
     listener: tuple[Ingest, int], slices: list[Path], decoded: list[str]
 ) -> None:
     ingest, port = listener
-    syntax = pydicom.dcmread(slices[0]).file_meta.TransferSyntaxUID
-    assoc = associate(port, (CTImageStorage, syntax))
-    try:
+    with associated(port, slices[0]) as assoc:
         cx = context_id(assoc, CTImageStorage)
         # the command in three PDUs; the data set four fragments in one PDU, the last alone
         cmd, body = split(command(slices[0], 1), 3), split(data_set(slices[0]), 5)
@@ -204,8 +211,6 @@ def test_a_command_over_several_pdus_and_fragments_several_to_a_pdu(
         )
         response = answer(assoc)
         assert (response.Status, response.MessageIDBeingRespondedTo) == (SUCCESS, 2)
-    finally:
-        assoc.release()
     files = stored(ingest)
     for source in slices[:2]:
         assert files[pydicom.dcmread(source).SOPInstanceUID] == expected_file(source)
@@ -217,15 +222,11 @@ def test_echo_and_store_in_one_association(
 ) -> None:
     """C-ECHO goes to pynetdicom, C-STORE to the fast path, turn by turn in one association."""
     ingest, port = listener
-    syntax = pydicom.dcmread(slices[0]).file_meta.TransferSyntaxUID
-    assoc = associate(port, (CTImageStorage, syntax))
-    try:
+    with associated(port, slices[0]) as assoc:
         for source in slices[:3]:
             assert assoc.send_c_echo().Status == SUCCESS
             assert assoc.send_c_store(source).Status == SUCCESS
         assert assoc.send_c_echo().Status == SUCCESS
-    finally:
-        assoc.release()
     assert decoded.count("C_ECHO_RQ") == 4 and "C_STORE_RQ" not in decoded
     assert len(stored(ingest)) == 3
 
@@ -241,9 +242,7 @@ def test_a_refused_instance_is_answered_with_its_status_and_reason(
     listener: tuple[Ingest, int], slices: list[Path], change: dict[str, str], status: int, comment: str
 ) -> None:
     ingest, port = listener
-    syntax = pydicom.dcmread(slices[0]).file_meta.TransferSyntaxUID
-    assoc = associate(port, (CTImageStorage, syntax), (MRImageStorage, syntax))
-    try:
+    with associated(port, slices[0], MRImageStorage) as assoc:
         cx = context_id(assoc, change.get("sop_class", CTImageStorage))
         send(assoc, pdu((cx, 0x03, command(slices[0], 7, **change))), pdu((cx, 0x02, data_set(slices[0]))))
         response = answer(assoc)
@@ -253,8 +252,6 @@ def test_a_refused_instance_is_answered_with_its_status_and_reason(
             7,
         )
         assert assoc.send_c_store(slices[0]).Status == SUCCESS  # the association goes on
-    finally:
-        assoc.release()
     assert len(stored(ingest)) == 1
 
 
@@ -263,16 +260,15 @@ def test_a_data_set_cut_by_the_connection_leaves_no_file(
     listener: tuple[Ingest, int], slices: list[Path], end: str
 ) -> None:
     ingest, port = listener
-    syntax = pydicom.dcmread(slices[0]).file_meta.TransferSyntaxUID
-    assoc = associate(port, (CTImageStorage, syntax))
-    cx = context_id(assoc, CTImageStorage)
-    send(assoc, pdu((cx, 0x03, command(slices[0], 1))), pdu((cx, 0x00, data_set(slices[0])[:1000])))
-    wait_for(lambda: any(ingest.spool.receiving.iterdir()), 5, "the data set begun on disk")
-    if end == "abort":
-        assoc.abort()
-    else:
-        assoc.dul.socket.socket.close()  # type: ignore[union-attr]
-        assoc.kill()
+    with associated(port, slices[0]) as assoc:
+        cx = context_id(assoc, CTImageStorage)
+        send(assoc, pdu((cx, 0x03, command(slices[0], 1))), pdu((cx, 0x00, data_set(slices[0])[:1000])))
+        wait_for(lambda: any(ingest.spool.receiving.iterdir()), 5, "the data set begun on disk")
+        if end == "abort":
+            assoc.abort()
+        else:
+            assoc.dul.socket.socket.close()  # type: ignore[union-attr]
+            assoc.kill()
     assert wait_for(lambda: not any(ingest.spool.receiving.iterdir()), 10, "the partial file deleted")
     assert stored(ingest) == {}
 
@@ -281,11 +277,8 @@ def test_an_instance_over_max_instance_mb_is_refused_as_before(db: Database, tmp
     [large] = write_head_ct_series(tmp_path / "ct", 1, hemorrhage=False, seed=3, size=1024)  # 2 MB
     receiver, ingest, port = start_listener(db, tmp_path, max_instance_mb=1)
     try:
-        assoc = associate(port, (CTImageStorage, pydicom.dcmread(large).file_meta.TransferSyntaxUID))
-        try:
+        with associated(port, large) as assoc:
             response = assoc.send_c_store(large)
-        finally:
-            assoc.release()
         assert (response.Status, response.ErrorComment) == (TOO_LARGE, "the data set is over 1 MB")
         assert stored(ingest) == {}
         assert wait_for(lambda: not any(ingest.spool.receiving.iterdir()), 5, "receiving/ emptied")

@@ -227,9 +227,14 @@ def record_worker(db: Database, name: str, info: dict[str, Any]) -> None:
         worker.last_seen_at = now
 
 
+def silent_after(settings: DistributedSettings) -> timedelta:
+    """How long a worker may go unheard before it is taken for gone: a few heartbeats."""
+    return timedelta(seconds=settings.heartbeat_seconds * ALIVE_HEARTBEATS)
+
+
 def live_workers(db: Database, settings: DistributedSettings) -> list[Worker]:
     """Workers heard from within the last few heartbeats."""
-    since = utcnow() - timedelta(seconds=settings.heartbeat_seconds * ALIVE_HEARTBEATS)
+    since = utcnow() - silent_after(settings)
     with db.session() as session:
         return list(session.scalars(select(Worker).where(Worker.last_seen_at >= since).order_by(Worker.name)))
 
@@ -243,16 +248,16 @@ def awaiting_a_worker(
     query = select(Job).where(Job.status == JobStatus.RUNNING, Job.deliveries == 0)
     if job_ids is not None:
         query = query.where(Job.id.in_(job_ids))
+    waiting = {}
     with db.session() as session:
-        untaken = session.scalars(query).all()
-        queues = {
-            job.id: [
-                queue_name(job.model, job.model_version or None, gpu, job.companions.values())
-                for gpu in (False, True)
-            ]
-            for job in untaken
-        }
-    return {job_id: cpu for job_id, (cpu, gpu) in queues.items() if not {cpu, gpu} & consumed}
+        for job in session.scalars(query):
+            cpu, gpu = (
+                queue_name(job.model, job.model_version or None, on_gpu, job.companions.values())
+                for on_gpu in (False, True)
+            )
+            if cpu not in consumed and gpu not in consumed:
+                waiting[job.id] = cpu
+    return waiting
 
 
 @register_executor("celery")

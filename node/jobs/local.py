@@ -67,6 +67,12 @@ def pool_threads(configured: int, workers: int) -> int:
     return max(1, ((os.cpu_count() or 1) - 1) // workers)
 
 
+def runtime_cache(settings: Settings) -> str:
+    """Where a job process keeps the ONNX exports it times against torch (node.runtime.fastest); ""
+    where ``[jobs] onnx_runtime`` is "never"."""
+    return str(settings.node.data_dir / "runtimes") if settings.jobs.onnx_runtime == "when_faster" else ""
+
+
 def routed_packages(settings: Settings) -> list[PackageRef]:
     """Every model package the routes name, main and companions, each once, in route order."""
     refs = [(route.model, route.model_version) for route in settings.routes]
@@ -219,7 +225,7 @@ class LocalPool:
             str(settings.node.models_dir),
             routed_packages(settings),
             settings.jobs.timeout_base_seconds,
-            str(settings.node.data_dir / "runtimes") if settings.jobs.onnx_runtime == "when_faster" else "",
+            runtime_cache(settings),
         )
         self._slots = [WorkerSlot(setup, work, self._preloaded) for _ in range(settings.node.workers)]
         self._refused: set[tuple[str, str]] = set()  # (package, error) already audited

@@ -40,7 +40,7 @@ from node.jobs.distributed import (
     queue_name,
     spec_from_json,
 )
-from node.jobs.local import pool_threads
+from node.jobs.local import pool_threads, runtime_cache
 from node.jobs.run import PackageRef, Task, prefer_faster_runtime, preload, run_job, try_faster_runtime
 from node.runtime.model import set_batch, set_threads
 from node.runtime.package import ModelMissing, ModelRefused, discover
@@ -297,10 +297,9 @@ def build(settings: Settings, what: Serves) -> Any:
         # the next message as soon as one is acknowledged. So every package ONNX Runtime may run
         # faster is measured now, before the process takes its first job (the exports are cached in
         # data_dir/runtimes: a restarted worker only times them again; each choice is logged).
-        if settings.jobs.onnx_runtime == "when_faster":
-            prefer_faster_runtime(settings.node.data_dir / "runtimes")
-            while try_faster_runtime() is not None:
-                pass
+        prefer_faster_runtime(runtime_cache(settings) or None)
+        while try_faster_runtime() is not None:
+            pass
 
     @signals.worker_ready.connect(weak=False)
     def ready(**_: Any) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from node.accounts import Principal
 from node.config import Settings
 from node.db import Database, Job, JobStatus, Worker, utcnow
-from node.jobs.distributed import ALIVE_HEARTBEATS
+from node.jobs.distributed import silent_after
 from node.web.auth import require
 from node.web.pages.studies import when
 from node.web.render import page
@@ -29,7 +29,7 @@ DAY = timedelta(days=1)
 def workers(db: Database, settings: Settings) -> list[dict[str, Any]]:
     """Every worker that has said it runs, by name."""
     now = utcnow()
-    since = now - timedelta(seconds=settings.jobs.distributed.heartbeat_seconds * ALIVE_HEARTBEATS)
+    since = now - silent_after(settings.jobs.distributed)
     with db.session() as session:
         rows = session.execute(
             select(Worker, (Worker.last_seen_at >= since).label("alive")).order_by(Worker.name)
@@ -81,7 +81,7 @@ def workers_page(request: Request, principal: Viewer) -> HTMLResponse:
             for w in listed
         ],
         executor=settings.jobs.executor,
-        stale_after=settings.jobs.distributed.heartbeat_seconds * ALIVE_HEARTBEATS,
+        stale_after=silent_after(settings.jobs.distributed).total_seconds(),
     )
 
 
