@@ -298,8 +298,11 @@ class Cluster:
         nap: float = 0.0,
         wait: bool = True,
         torch_threads: int = 2,
+        onnx_runtime: str = "never",
     ) -> subprocess.Popen[bytes]:
-        """Start ``ainode worker`` with a data folder of its own; wait until the node hears from it."""
+        """Start ``ainode worker`` with a data folder of its own; wait until the node hears from it.
+        ``onnx_runtime``: "never" by default, which spares each worker process the ONNX Runtime trial
+        of every model before its first job (test_deploy's worker runs it)."""
         folder = self.folder / name
         folder.mkdir(parents=True, exist_ok=True)
         config = {
@@ -310,7 +313,10 @@ class Cluster:
                 "torch_threads": torch_threads,
                 "plugins": [PLUGIN],
             },
-            "jobs": {"distributed": self.distributed(broker, node_url or self.node.url)},
+            "jobs": {
+                "onnx_runtime": onnx_runtime,
+                "distributed": self.distributed(broker, node_url or self.node.url),
+            },
         }
         path = folder / "worker.toml"
         path.write_bytes(tomli_w.dumps(config).encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -26,10 +27,29 @@ from pyorthanc import Orthanc
 REPO = Path(__file__).resolve().parent.parent
 
 
+_HANDED_OUT: set[int] = set()
+# Listening ports of services that may be stopped for a moment (RabbitMQ and Erlang's, PostgreSQL's,
+# Redis's, MySQL's, MQTT's, NATS's): never handed out, even while nothing listens on them.
+_SERVICE_PORTS = {1883, 3306, 4222, 4369, 5432, 5672, 6379, 15672, 25672}
+_PICK = random.SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port for a server the test starts: free now, never handed out before in this test
+    session, and below the kernel's ephemeral range, so no outgoing connection (to PostgreSQL, the
+    broker, a server polled) can take it before the server binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = _PICK.randrange(max(1024, low - 16384), low)
+        if port in _HANDED_OUT or port in _SERVICE_PORTS:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -144,18 +164,41 @@ class OrthancServer:
             config["Plugins"].append(str(worklist_plugin()))
             config["Worklists"] = {"Enable": True, "Database": str(worklists)}
             config["DicomAlwaysAllowFindWorklist"] = True  # a worklist is asked by any modality
-        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.config = config
+        self.own_dicom_port = dicom_port is None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._configure()
+
+    def _configure(self) -> None:
+        (self.folder / "orthanc.json").write_text(json.dumps(self.config))
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.client = Orthanc(self.url)
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> OrthancServer:
-        log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - kept open for the process
-        self.process = subprocess.Popen(
-            ["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log
-        )
-        wait_for(lambda: _http_ok(f"{self.url}/system"), 30, "Orthanc to start")
+    def start(self, attempts: int = 3) -> OrthancServer:
+        """Start Orthanc and wait until it answers. A port taken between ``free_port`` and Orthanc's bind
+        (by another program's server) makes Orthanc exit at once: it is started again on fresh ports of
+        its own choosing. Any other exit is an error that quotes Orthanc's log."""
+        attempt = 1
+        while (said := self._launch()) is not None:
+            if "already in use" not in said or attempt == attempts:
+                raise RuntimeError(f"Orthanc exited:\n{said[-2000:]}")
+            attempt += 1
+            self.http_port = self.config["HttpPort"] = free_port()
+            if self.own_dicom_port:
+                self.dicom_port = self.config["DicomPort"] = free_port()
+            self._configure()
         return self
+
+    def _launch(self) -> str | None:
+        """Run Orthanc until it answers (None) or exits (its log)."""
+        log_path = self.folder / "orthanc.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process
+        process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log)
+        wait_for(lambda: process.poll() is not None or _http_ok(f"{self.url}/system"), 30, "Orthanc to start")
+        if process.poll() is None:
+            self.process = process
+            return None
+        return log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.process is not None:

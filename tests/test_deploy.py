@@ -13,6 +13,7 @@ openssl.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from sqlalchemy import select
 
 from node.config import load_settings
 from node.db import Send, SendStatus, Worker, open_database
+from node.runtime.fastest import convertible
+from node.runtime.package import discover
 from tests.peers import REPO, NodeProcess, OrthancServer, free_port, storescu, wait_for
 from tests.test_distributed import pg_url as pg_url  # noqa: F401 - the fixtures
 from tests.test_distributed import vhost as vhost  # noqa: F401
@@ -138,6 +141,14 @@ def test_the_compose_demo_over_https_with_the_secret_from_a_file(
         assert study is not None
         assert [job["worker"] for series in study["series"] for job in series["jobs"]] == ["demo-worker"]
         assert [worker["name"] for worker in node.api("/api/workers")] == ["demo-worker"]
+        # Before its first job, the worker timed ONNX Runtime against torch for each model that can
+        # run under it (the cluster tests' workers skip that trial).
+        timed = set(
+            re.findall(r"(\S+) runs under (?:ONNX Runtime|torch): ", (tmp_path / "worker.log").read_text())
+        )
+        assert timed == {
+            package.manifest.name for package in discover(REPO / "models") if convertible(package)
+        }
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=60)

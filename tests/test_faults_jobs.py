@@ -211,7 +211,9 @@ def test_the_watchdog_stops_a_slot_stuck_past_its_deadline(db: Database, tmp_pat
     # A worker that never reads its first task (a plug-in's import hangs), given a task bigger than the
     # pipe holds (a long series' file list): the slot blocks in sending it, before its own timer starts.
     (stuck,) = queue_jobs(db, tmp_path, {"pad": "x" * (4 * MB)})
-    config = settings(timeout_base_seconds=30, watchdog_grace_seconds=10, max_attempts=2).model_copy(
+    # The limit (and so the wait for a worker to be ready) is short: the slot's next worker hangs in
+    # the same import, and the slot is free again only once that one is stopped.
+    config = settings(timeout_base_seconds=10, watchdog_grace_seconds=10, max_attempts=2).model_copy(
         update={"node": Settings().node.model_copy(update={"plugins": ["tests.hanging_plugin"]})}
     )
     jobs, executor = local_pool(db, tmp_path, config, work=workers.nap)
@@ -219,7 +221,7 @@ def test_the_watchdog_stops_a_slot_stuck_past_its_deadline(db: Database, tmp_pat
         assert dispatch(jobs, executor) == 1
         time.sleep(3)  # the slot is in its send now, the worker importing the plug-in
         assert executor.capacity() == 0
-        started_long_ago(db, stuck, 41)
+        started_long_ago(db, stuck, 21)
         assert watch(jobs, executor) == 1
         wait_for(lambda: executor.capacity() == 1, 30, "the stuck slot to be free again")
     finally:
