@@ -143,17 +143,23 @@ def test_tls_transport_frames_each_message_and_both_sides_authenticate(db: Datab
     context.verify_mode = ssl.CERT_REQUIRED  # ATNA: the node shows its certificate too
     received: list[bytes] = []
     peer: list[str] = []
+    ended: list[str] = []
     with socket.create_server(("127.0.0.1", 0)) as server:
 
         def serve() -> None:
             connection, _ = server.accept()
-            with context.wrap_socket(connection, server_side=True) as tls:
+            # Ragged EOFs raise: RFC 5425 4.4 wants a closure alert before the connection closes.
+            with context.wrap_socket(connection, server_side=True, suppress_ragged_eofs=False) as tls:
                 shown = tls.getpeercert()
                 assert shown is not None
                 peer.append(repr(shown["subject"]))
                 data = b""
-                while chunk := tls.recv(65536):
-                    data += chunk
+                try:
+                    while chunk := tls.recv(65536):
+                        data += chunk
+                    ended.append("close_notify")
+                except OSError as exc:
+                    ended.append(repr(exc))
             received.append(data)
 
         thread = threading.Thread(target=serve)
@@ -167,6 +173,7 @@ def test_tls_transport_frames_each_message_and_both_sides_authenticate(db: Datab
         audit.close(db)  # sends the queue, then closes the connection
         thread.join(30)
     assert "('commonName', 'node')" in peer[0]
+    assert ended == ["close_notify"]
     data, messages = received[0], []
     while data:  # RFC 5425 octet counting: "LENGTH SP MESSAGE", again and again
         length, _, rest = data.partition(b" ")
