@@ -164,41 +164,26 @@ class OrthancServer:
             config["Plugins"].append(str(worklist_plugin()))
             config["Worklists"] = {"Enable": True, "Database": str(worklists)}
             config["DicomAlwaysAllowFindWorklist"] = True  # a worklist is asked by any modality
-        self.config = config
-        self.own_dicom_port = dicom_port is None
-        self.process: subprocess.Popen[bytes] | None = None
-        self._configure()
-
-    def _configure(self) -> None:
-        (self.folder / "orthanc.json").write_text(json.dumps(self.config))
+        (folder / "orthanc.json").write_text(json.dumps(config))
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.client = Orthanc(self.url)
+        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, attempts: int = 3) -> OrthancServer:
-        """Start Orthanc and wait until it answers. A port taken between ``free_port`` and Orthanc's bind
-        (by another program's server) makes Orthanc exit at once: it is started again on fresh ports of
-        its own choosing. Any other exit is an error that quotes Orthanc's log."""
-        attempt = 1
-        while (said := self._launch()) is not None:
-            if "already in use" not in said or attempt == attempts:
-                raise RuntimeError(f"Orthanc exited:\n{said[-2000:]}")
-            attempt += 1
-            self.http_port = self.config["HttpPort"] = free_port()
-            if self.own_dicom_port:
-                self.dicom_port = self.config["DicomPort"] = free_port()
-            self._configure()
-        return self
-
-    def _launch(self) -> str | None:
-        """Run Orthanc until it answers (None) or exits (its log)."""
+    def start(self) -> OrthancServer:
+        """Start Orthanc and wait until it answers; an Orthanc that exits instead (a port in use, a
+        bad setting) is an error that quotes its log at once."""
         log_path = self.folder / "orthanc.log"
         log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process
-        process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log)
+        self.process = process = subprocess.Popen(
+            ["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log
+        )
         wait_for(lambda: process.poll() is not None or _http_ok(f"{self.url}/system"), 30, "Orthanc to start")
-        if process.poll() is None:
-            self.process = process
-            return None
-        return log_path.read_text(errors="replace")
+        if process.poll() is not None:
+            self.process = None
+            raise RuntimeError(
+                f"Orthanc exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-2000:]}"
+            )
+        return self
 
     def stop(self) -> None:
         if self.process is not None:
